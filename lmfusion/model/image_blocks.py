@@ -1,0 +1,85 @@
+"""Image in/out: U-Net down and up blocks conditioned on the diffusion timestep (paper Eq. 6, 14).
+
+The down block turns a (noisy) latent [N, C, H, W] into H/p * W/p patch tokens of the LM's width,
+ordered left-to-right, top-to-bottom. The up block turns the image tokens' final hidden states back
+into a noise prediction of the latent's shape, with a long skip connection from the down block's
+features (UNet-Up(h, t, h_in)). The papers give no exact layer spec, so this uses diffusers'
+ResnetBlock2D / Downsample2D / Upsample2D, with timestep embeddings added inside each resnet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from torch import nn
+
+from ..config import LMFusionConfig
+
+
+class TimestepEncoder(nn.Module):
+    """Sinusoidal features of t followed by an MLP; shared by the down and up blocks."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.features = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(channels, embed_dim)
+
+    def forward(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(self.features(timesteps).to(dtype))
+
+
+def _resnet(in_ch: int, out_ch: int, config: LMFusionConfig) -> ResnetBlock2D:
+    return ResnetBlock2D(
+        in_channels=in_ch, out_channels=out_ch, temb_channels=config.time_embed_dim, groups=config.unet_norm_groups
+    )
+
+
+class ImageDownBlock(nn.Module):
+    """Latent -> patch tokens. Returns the tokens and the features the up block's skip reuses."""
+
+    def __init__(self, config: LMFusionConfig, hidden_size: int):
+        super().__init__()
+        ch = config.unet_channels
+        self.conv_in = nn.Conv2d(config.latent_channels, ch, kernel_size=3, padding=1)
+        levels = int(math.log2(config.patch_size))
+        self.resnets = nn.ModuleList([_resnet(ch, ch, config) for _ in range(levels + 1)])
+        self.downsamplers = nn.ModuleList([Downsample2D(ch, use_conv=True, name="op") for _ in range(levels)])
+        self.to_tokens = nn.Conv2d(ch, hidden_size, kernel_size=1)
+
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv_in(latents)
+        for resnet, down in zip(self.resnets, self.downsamplers):
+            h = down(resnet(h, temb))
+        skip = self.resnets[-1](h, temb)
+        tokens = self.to_tokens(skip).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major
+        return tokens, skip
+
+
+class ImageUpBlock(nn.Module):
+    """Final hidden states of image tokens (+ skip features) -> predicted noise."""
+
+    def __init__(self, config: LMFusionConfig, hidden_size: int):
+        super().__init__()
+        ch = config.unet_channels
+        self.side = config.patches_per_side
+        self.from_tokens = nn.Conv2d(hidden_size, ch, kernel_size=1)
+        levels = int(math.log2(config.patch_size))
+        self.merge = _resnet(2 * ch, ch, config)
+        self.upsamplers = nn.ModuleList([Upsample2D(ch, use_conv=True) for _ in range(levels)])
+        self.resnets = nn.ModuleList([_resnet(ch, ch, config) for _ in range(levels)])
+        self.norm_out = nn.GroupNorm(config.unet_norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, config.latent_channels, kernel_size=3, padding=1)
+        # Start by predicting zero noise: the first steps do not fight a random output head.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hidden: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]
+        h = self.from_tokens(hidden.transpose(1, 2).reshape(n, -1, self.side, self.side))
+        h = self.merge(torch.cat([h, skip], dim=1), temb)
+        for up, resnet in zip(self.upsamplers, self.resnets):
+            h = resnet(up(h), temb)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))

@@ -1,0 +1,114 @@
+"""Interleaved sequences: text token ids with runs of image patch positions between BOI and EOI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Transfusion §4.3.4: when the image comes before its caption, noise is capped at t < 500 so the
+# caption is conditioned on a recognisable image.
+IMAGE_FIRST_MAX_TIMESTEP = 500
+
+
+@dataclass
+class Example:
+    """One sequence before padding: ids (image positions hold -1) and its images' noise caps."""
+
+    ids: list[int] = field(default_factory=list)
+    max_timesteps: list[int] = field(default_factory=list)
+
+    def add_text(self, ids: list[int]) -> "Example":
+        self.ids.extend(ids)
+        return self
+
+    def add_image(self, boi: int, eoi: int, tokens_per_image: int, max_timestep: int) -> "Example":
+        self.ids.extend([boi] + [-1] * tokens_per_image + [eoi])
+        self.max_timesteps.append(max_timestep)
+        return self
+
+
+@dataclass
+class MultimodalBatch:
+    input_ids: torch.Tensor  # [B, L]; image positions hold pad_id
+    image_mask: torch.Tensor  # [B, L] bool
+    attention_mask: torch.Tensor  # [B, L] 1 = real token
+    latents: torch.Tensor | None  # [N, C, H, W] clean latents, in reading order
+    max_timesteps: torch.Tensor  # [N]
+
+    def to(self, device) -> "MultimodalBatch":
+        return MultimodalBatch(
+            self.input_ids.to(device),
+            self.image_mask.to(device),
+            self.attention_mask.to(device),
+            None if self.latents is None else self.latents.to(device),
+            self.max_timesteps.to(device),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def text_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions that predict a next text token, and those tokens.
+
+        A text position i is trained to predict token i+1 when that is a real text token; the
+        BOI position (followed by patches) and image positions (EOI is forced) have no LM loss.
+        """
+        real = self.attention_mask.bool()
+        text = real & ~self.image_mask
+        wants = torch.zeros_like(text)
+        wants[:, :-1] = text[:, :-1] & text[:, 1:]
+        labels = self.input_ids[:, 1:][wants[:, :-1]]
+        return wants, labels
+
+
+class SequenceBuilder:
+    """Tokenises captions and lays out the two training orders of the paper."""
+
+    def __init__(self, tokenizer, boi_id: int, eoi_id: int, tokens_per_image: int, max_text_tokens: int = 64):
+        self.tokenizer = tokenizer
+        self.boi_id, self.eoi_id = boi_id, eoi_id
+        self.tokens_per_image = tokens_per_image
+        self.max_text_tokens = max_text_tokens
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.truncated = 0  # captions cut to max_text_tokens, reported by the data loop
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) > self.max_text_tokens:
+            self.truncated += 1
+            ids = ids[: self.max_text_tokens]
+        return ids
+
+    def text_then_image(self, caption: str) -> Example:
+        """Caption, then the image (text-to-image). An empty caption is the CFG unconditional case."""
+        example = Example().add_text(self.encode(caption) if caption else [])
+        return example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, 1000).add_text([self.eos_id])
+
+    def image_then_text(self, caption: str, max_timestep: int = IMAGE_FIRST_MAX_TIMESTEP) -> Example:
+        """The image, then its caption (captioning)."""
+        example = Example().add_image(self.boi_id, self.eoi_id, self.tokens_per_image, max_timestep)
+        return example.add_text(self.encode(caption) + [self.eos_id])
+
+    def text_only(self, text: str) -> Example:
+        return Example().add_text(self.encode(text) + [self.eos_id])
+
+    def collate(self, examples: list[Example], latents: torch.Tensor | None) -> MultimodalBatch:
+        """Right-pad examples into a batch; latents are the examples' images in order."""
+        length = max(len(e.ids) for e in examples)
+        ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        image_mask = torch.zeros(len(examples), length, dtype=torch.bool)
+        attention = torch.zeros(len(examples), length, dtype=torch.long)
+        for row, example in enumerate(examples):
+            row_ids = torch.tensor(example.ids, dtype=torch.long)
+            is_image = row_ids < 0
+            ids[row, : len(row_ids)] = row_ids.masked_fill(is_image, self.pad_id)
+            image_mask[row, : len(row_ids)] = is_image
+            attention[row, : len(row_ids)] = 1
+        caps = [t for e in examples for t in e.max_timesteps]
+        n_images = len(caps)
+        if (latents is None and n_images) or (latents is not None and latents.shape[0] != n_images):
+            raise ValueError(f"examples hold {n_images} images but {0 if latents is None else latents.shape[0]} latents were given")
+        return MultimodalBatch(ids, image_mask, attention, latents, torch.tensor(caps, dtype=torch.long))

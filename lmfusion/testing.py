@@ -1,0 +1,77 @@
+"""Tiny, fully offline models and tokenizers for tests and smoke runs (no downloads, < 1 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .config import LMFusionConfig
+
+_CORPUS = [
+    "a small red circle above a large blue square",
+    "a large green triangle to the left of a small yellow circle",
+    "a purple square below an orange triangle",
+    "the quick brown fox jumps over the lazy dog. Hello world!",
+    "a photo of a sneaker, a shirt, a bag and an ankle boot",
+] * 4
+
+
+def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in memory: any text encodes, ids stay below `vocab_size`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def tiny_text_model(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_lmfusion_config(base_model: str = "tiny", **overrides) -> LMFusionConfig:
+    """Pixel codec at 16 px, 2x2 patches of 8 px: 4 tokens per image."""
+    values = dict(
+        base_model=base_model,
+        image_size=16,
+        latent_channels=3,
+        latent_size=16,
+        patch_size=8,
+        unet_channels=32,
+        unet_norm_groups=8,
+        time_embed_dim=32,
+    )
+    values.update(overrides)
+    return LMFusionConfig(**values)
+
+
+def save_tiny_base(directory: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny base LM + tokenizer folder that `load_text_model` accepts like any HF model."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    model = tiny_text_model(len(tokenizer), hidden, layers, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
