@@ -1,0 +1,121 @@
+"""Loss parts, gradient flow and adapter checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from lmfusion.model.lmfusion import CONFIG_FILE, LMFusionModel
+from lmfusion.model.sequence import IMAGE_FIRST_MAX_TIMESTEP, SequenceBuilder
+from lmfusion.testing import save_tiny_base, tiny_lmfusion_config
+
+
+@pytest.fixture()
+def model(tiny_base):
+    model = LMFusionModel.from_text_model(str(tiny_base), tiny_lmfusion_config(str(tiny_base)))
+    torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
+    return model
+
+
+def _batch(model, captions=("a small red circle", "a large blue square")):
+    builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image)
+    examples = [builder.text_then_image(captions[0]), builder.image_then_text(captions[1]), builder.text_only("hello")]
+    return builder.collate(examples, torch.rand(2, 3, 16, 16) * 2 - 1)
+
+
+def test_text_targets_skip_boi_and_image_positions(model):
+    batch = _batch(model)
+    wants, labels = batch.text_targets()
+    ids, image = batch.input_ids, batch.image_mask
+    boi = ids == model.boi_token_id
+    assert not (wants & boi).any() and not (wants & image).any()
+    # The last caption token predicts BOI (so the model learns to start images) ...
+    assert model.boi_token_id in labels.tolist()
+    # ... and EOI predicts the first caption token in image-first examples.
+    eoi_row1 = (ids[1] == model.eoi_token_id).nonzero().item()
+    assert wants[1, eoi_row1]
+    assert batch.max_timesteps.tolist() == [1000, IMAGE_FIRST_MAX_TIMESTEP]
+
+
+def test_loss_parts_match_their_definitions(model):
+    batch = _batch(model)
+    out = model.loss(batch, torch.Generator().manual_seed(0))
+    # Recompute both parts by hand with the same noise draw.
+    g = torch.Generator().manual_seed(0)
+    from lmfusion.diffusion import sample_timesteps
+
+    t = sample_timesteps(2, batch.max_timesteps, g)
+    noise = torch.randn(batch.latents.shape, generator=g)
+    assert t[1] < IMAGE_FIRST_MAX_TIMESTEP
+    noisy = model.noise_scheduler.add_noise(batch.latents, noise, t)
+    full = model(batch.input_ids, batch.image_mask, noisy, t, batch.attention_mask)
+    wants, labels = batch.text_targets()
+    text = torch.nn.functional.cross_entropy(full.logits[wants], labels)
+    image = ((full.noise_pred - noise) ** 2).flatten(1).mean(1).mean()
+    torch.testing.assert_close(out.text_loss, text)
+    torch.testing.assert_close(out.image_loss, image)
+    torch.testing.assert_close(out.loss, text + 5.0 * image)
+    assert out.images == 2 and out.text_tokens == labels.numel()
+
+
+def test_text_loss_of_image_first_examples_reaches_image_kv_not_text(model):
+    builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image)
+    # Image first: the caption attends to the image, so the LM loss reaches the image K/V
+    # through the frozen text path, while no frozen text weight receives a gradient.
+    batch = builder.collate([builder.image_then_text("a red circle")], torch.rand(1, 3, 16, 16))
+    wants, labels = batch.text_targets()
+    clean = torch.tensor([0])
+    logits = model(batch.input_ids, batch.image_mask, batch.latents, clean, batch.attention_mask, logits_mask=wants).logits
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert model.image_layers[0].k_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_model.parameters())
+
+
+def test_save_load_round_trip_is_bit_identical(model, tmp_path):
+    batch = _batch(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert saved["base_model_hash"] and saved["mode"] == "lmfusion"
+    # Only the non-base weights are stored.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "lmfusion_weights.safetensors"), "pt") as f:
+        assert not any(k.startswith("text_model.") for k in f.keys())
+    loaded = LMFusionModel.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        a = model.loss(batch, torch.Generator().manual_seed(3))
+        b = loaded.loss(batch, torch.Generator().manual_seed(3))
+        t = torch.tensor([10, 400])
+        fa = model(batch.input_ids, batch.image_mask, batch.latents, t, batch.attention_mask)
+        fb = loaded(batch.input_ids, batch.image_mask, batch.latents, t, batch.attention_mask)
+    assert torch.equal(a.loss, b.loss)
+    assert torch.equal(fa.logits, fb.logits) and torch.equal(fa.noise_pred, fb.noise_pred)
+
+
+def test_dense_checkpoint_stores_the_trained_text_weights(tiny_base, tmp_path):
+    model = LMFusionModel.from_text_model(str(tiny_base), tiny_lmfusion_config(str(tiny_base), mode="dense"))
+    with torch.no_grad():
+        model.text_model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "dense")
+    loaded = LMFusionModel.from_pretrained(tmp_path / "dense")
+    assert torch.equal(loaded.text_model.model.layers[0].mlp.up_proj.weight, model.text_model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_load_refuses_another_base_model(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    other = save_tiny_base(tmp_path / "other_base", seed=1)
+    with pytest.raises(ValueError, match="wrong base model"):
+        LMFusionModel.from_pretrained(tmp_path / "ckpt", base_model=str(other))
+
+
+def test_load_refuses_non_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an LMFusion checkpoint"):
+        LMFusionModel.from_pretrained(tmp_path)
+
+
+def test_save_overwrites_atomically(model, tmp_path):
+    target = tmp_path / "ckpt"
+    model.save_pretrained(target)
+    model.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
