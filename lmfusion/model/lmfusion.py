@@ -225,8 +225,10 @@ class LMFusionModel(nn.Module):
             logits = self.text_logits(text_rows.index_select(0, rows[wanted]))
         elif text_rows.shape[0]:
             text_logits = self.text_logits(text_rows)
-            full = routing.merge(text_logits, text_logits.new_zeros(routing.image_index.numel(), text_logits.shape[-1]))
-            logits = full.view(routing.batch, routing.length, -1)
+            if routing.has_images:
+                full = text_logits.new_zeros(routing.batch * routing.length, text_logits.shape[-1])
+                text_logits = full.index_copy(0, routing.text_index, text_logits)
+            logits = text_logits.view(routing.batch, routing.length, -1)
         noise_pred = None
         if image_rows is not None and image_rows.shape[0]:
             n = image_latents.shape[0]

@@ -2,8 +2,8 @@
 
 The residual stream is kept split in two flat tensors, text rows and image rows, so each
 modality's norms, projections and FFN run as one dense matmul over exactly its own tokens
-(no token pays for both). Only attention needs sequence order: Q/K/V are merged back into
-[B*L] order with one gather, and the attention output is split again with another.
+(no token pays for both). Only attention needs sequence order: Q/K/V are written back into
+[B*L] order (one index_copy per modality), and the attention output is split again (one gather).
 """
 
 from __future__ import annotations
@@ -23,23 +23,15 @@ class Routing:
     length: int
     text_index: torch.Tensor  # [N_text] positions in the flattened B*L sequence
     image_index: torch.Tensor  # [N_image]
-    order: torch.Tensor | None  # [B*L]: row of cat([text, image]) holding each position
+    has_images: bool
 
     @classmethod
     def from_mask(cls, image_mask: torch.Tensor | None, batch: int, length: int, device) -> "Routing":
         if image_mask is None or not bool(image_mask.any()):
             empty = torch.empty(0, dtype=torch.long, device=device)
-            return cls(batch, length, torch.arange(batch * length, device=device), empty, None)
+            return cls(batch, length, torch.arange(batch * length, device=device), empty, False)
         flat = image_mask.reshape(-1)
-        text_index = torch.nonzero(~flat).squeeze(1)
-        image_index = torch.nonzero(flat).squeeze(1)
-        order = torch.empty_like(flat, dtype=torch.long)
-        order[torch.cat([text_index, image_index])] = torch.arange(flat.numel(), device=device)
-        return cls(batch, length, text_index, image_index, order)
-
-    @property
-    def has_images(self) -> bool:
-        return self.order is not None
+        return cls(batch, length, torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1), True)
 
     def split(self, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B*L, ...] in sequence order -> (text rows, image rows)."""
@@ -51,7 +43,11 @@ class Routing:
         """(text rows, image rows) -> [B*L, ...] in sequence order."""
         if not self.has_images:
             return text
-        return torch.cat([text, image]).index_select(0, self.order)
+        # Two index_copy_ writes into one buffer: a single pass over each row, no concatenation.
+        out = text.new_empty((self.batch * self.length, *text.shape[1:]))
+        out.index_copy_(0, self.text_index, text)
+        out.index_copy_(0, self.image_index, image.to(text.dtype))
+        return out
 
 
 class ImageLayer(nn.Module):

@@ -1,0 +1,103 @@
+"""Forward time of LMFusion on a mixed text+image batch vs the plain base LM on the same length.
+
+Usage: python benchmarks/routing_overhead.py [--batch 4 --length 256 --repeats 5 --threads 2]
+
+Prints the ratio LMFusion / base, with and without the U-Net image in/out blocks (which the base
+LM has no counterpart for), measured in one process, interleaving the runs so that machine noise
+hits both sides alike. fp32, no grad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from lmfusion.base_models import load_text_model
+from lmfusion.config import LMFusionConfig
+from lmfusion.model.lmfusion import LMFusionModel
+
+
+def mixed_batch(model: LMFusionModel, batch: int, length: int, vocab: int, images_per_row: int):
+    n = model.config.tokens_per_image
+    ids = torch.randint(0, vocab, (batch, length))
+    image_mask = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):
+        # Spread the images out: text, BOI, patches, EOI, text, ...
+        gap = (length - images_per_row * (n + 2)) // (images_per_row + 1)
+        start = gap
+        for _ in range(images_per_row):
+            ids[row, start] = model.boi_token_id
+            image_mask[row, start + 1 : start + 1 + n] = True
+            ids[row, start + n + 1] = model.eoi_token_id
+            start += n + 2 + gap
+    size = model.config.latent_size
+    latents = torch.randn(batch * images_per_row, model.config.latent_channels, size, size)
+    timesteps = torch.randint(0, 1000, (batch * images_per_row,))
+    return ids, image_mask, latents, timesteps
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--images-per-row", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    base, _ = load_text_model(args.base_model)
+    base.eval()
+    model = LMFusionModel(base, LMFusionConfig(base_model=args.base_model)).eval()
+    vocab = model.text_vocab_size
+    ids, image_mask, latents, timesteps = mixed_batch(model, args.batch, args.length, vocab, args.images_per_row)
+    text_ids = torch.randint(0, vocab, (args.batch, args.length))
+
+    def run_base():
+        base(text_ids)
+
+    def run_mixed():
+        model(ids, image_mask, latents, timesteps)
+
+    def run_unet():
+        temb = model.time_embed(timesteps, latents.dtype)
+        tokens, skip = model.image_in(latents, temb)
+        model.image_out(tokens, skip, temb)
+
+    def run_text_only():
+        model(text_ids)
+
+    runs = {"base": run_base, "lmfusion_mixed": run_mixed, "unet_blocks": run_unet, "lmfusion_text_only": run_text_only}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_image_tokens = int(image_mask.sum())
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(f"batch {args.batch} x {args.length} tokens; mixed: {n_image_tokens} image tokens "
+          f"({latents.shape[0]} images of {model.config.tokens_per_image}), fp32, median of {args.repeats}")
+    for name, value in med.items():
+        print(f"  {name:<20} {value * 1000:8.1f} ms")
+    print(f"ratio lmfusion_mixed / base                 {med['lmfusion_mixed'] / med['base']:.3f}")
+    print(f"ratio (lmfusion_mixed - unet_blocks) / base {(med['lmfusion_mixed'] - med['unet_blocks']) / med['base']:.3f}")
+    print(f"ratio lmfusion_text_only / base             {med['lmfusion_text_only'] / med['base']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
