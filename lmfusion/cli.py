@@ -16,7 +16,8 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("lmfusion.data.cli", "lmfusion.training.cli", "lmfusion.sampling.cli", "lmfusion.evaluation.cli")
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+# OSError covers missing/existing files, permissions and full disks: all things a user fixes.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.formats import NoUsableDataError
+
+    return (*USER_ERRORS, NoUsableDataError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmfusion: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"lmfusion {args.command}: error: {message}", file=sys.stderr)
         return 2
