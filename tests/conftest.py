@@ -20,8 +20,8 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def taef2_dir() -> Path:
     path = Path(os.environ.get("LMFUSION_TAEF2", SHARED / "taef2"))
-    if not (path / "taef2_encoder.pth").exists():
-        pytest.skip(f"TAEF2 weights not found at {path} (shared assets absent)")
+    if not all((path / f"taef2_{part}.pth").is_file() for part in ("encoder", "decoder")):
+        pytest.skip(f"TAEF2 weights not found in {path} (shared assets absent; set LMFUSION_TAEF2 to the folder)")
     return path
 
 
