@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from ..base_models import load_text_model, weights_hash
 from ..config import LMFusionConfig
 from ..diffusion import per_image_mse, sample_timesteps, training_scheduler
+from ..sampling import SamplingMixin
 from ..utils import atomic_directory
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
 from .masks import image_segment_ids, transfusion_mask
@@ -49,7 +50,7 @@ class LMFusionOutput:
     cache: Cache | None = None
 
 
-class LMFusionModel(nn.Module):
+class LMFusionModel(SamplingMixin, nn.Module):
     def __init__(
         self, text_model: PreTrainedModel, config: LMFusionConfig, base_hash: str | None = None, tokenizer=None
     ):

@@ -1,0 +1,178 @@
+"""`lmfusion generate | caption | chat`.
+
+Arguments are checked before the model loads, so a bad guidance scale or a missing image fails
+in a second, not after a checkpoint load. Every user error is a ValueError / FileNotFoundError,
+which the dispatcher prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from pathlib import Path
+
+from ..utils import atomic_write_bytes
+
+SCHEDULERS = ("ddim", "ddpm")
+
+
+def register(subparsers) -> None:
+    _add_generate(subparsers)
+    _add_caption(subparsers)
+    _add_chat(subparsers)
+
+
+def _add_model_args(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model folder, or a training run folder (its latest model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_diffusion_args(parser) -> None:
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=1.6, help="classifier-free guidance scale; 1 = none (default 1.6)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+
+
+def _add_decoding_args(parser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="text-to-image", description="Generate images from a text prompt.")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="image file (.png, .jpg, ...)")
+    p.add_argument("--n", type=int, default=1, help="images; n > 1 writes one grid to --out unless --separate")
+    p.add_argument("--separate", action="store_true", help="with --n > 1: numbered files OUT_1.png ... instead of a grid")
+    p.add_argument("--unconditional", action="store_true", help="allow an empty prompt (unconditional sample)")
+    _add_diffusion_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def _add_caption(subparsers) -> None:
+    p = subparsers.add_parser("caption", help="describe images", description="Caption one or more images.")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    _add_decoding_args(p, 32)
+    p.set_defaults(func=run_caption)
+
+
+def _add_chat(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat", help="interleaved text and images",
+        description="Generate text and images; without --prompt, read one prompt per line from stdin.",
+    )
+    _add_model_args(p)
+    p.add_argument("--prompt", default=None, help="one prompt (default: interactive, lines from stdin)")
+    p.add_argument("--out", required=True, help="folder for chat.md and its images")
+    p.add_argument("--max-images", type=int, default=4, help="images per reply at most")
+    _add_decoding_args(p, 256)
+    _add_diffusion_args(p)
+    p.set_defaults(func=run_chat)
+
+
+# ---------------------------------------------------------------------- commands
+def run_generate(args) -> int:
+    from .image import check_sampling_args, generate_image
+
+    check_sampling_args(args.steps, args.guidance, args.n, args.scheduler)
+    if not args.prompt.strip() and not args.unconditional:
+        raise ValueError("prompt is empty (use --unconditional for an unconditional sample)")
+    out = Path(args.out)
+    image_format = _image_format(out)
+    model = _load(args)
+    images = generate_image(
+        model, args.prompt, args.steps, args.guidance, args.seed, args.scheduler, args.n,
+        allow_empty=args.unconditional, output="tensor",
+    )
+    if args.n > 1 and args.separate:
+        paths = [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(1, args.n + 1)]
+        for path, image in zip(paths, images):
+            _save(image, path, image_format)
+    else:
+        from ..data.images import make_grid
+
+        grid = images[0] if args.n == 1 else make_grid(images, nrow=math.ceil(math.sqrt(args.n)))
+        paths = [out]
+        _save(grid, out, image_format)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_caption(args) -> int:
+    from ..data.images import verify_image
+    from .text import TokenPicker, caption
+
+    TokenPicker(args.temperature, args.top_p)  # validates before the model loads
+    for path in args.image:
+        verify_image(path)  # raises BadImageError (a ValueError) naming the file
+    model = _load(args)
+    texts = caption(model, list(args.image), args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    for path, text in zip(args.image, texts):
+        print(text if len(args.image) == 1 else f"{path}\t{text}")
+    return 0
+
+
+def run_chat(args) -> int:
+    from .interleaved import InterleavedSession, MarkdownTranscript
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("prompt is empty")
+    transcript = MarkdownTranscript(args.out)
+    model = _load(args)
+    session = InterleavedSession(
+        model, args.max_new_tokens, args.max_images, args.temperature, args.top_p, args.seed,
+        args.steps, args.guidance, args.scheduler,
+    )
+    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
+    for prompt in prompts:
+        parts = session.send(prompt)
+        saved = transcript.add_turn(prompt, parts)
+        reply = "".join(p if isinstance(p, str) else f"[image {saved.pop(0)}]" for p in parts)
+        print(reply, flush=True)
+    print(f"transcript: {transcript.path}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------- helpers
+def _load(args):
+    from .pipeline import load_model
+
+    return load_model(args.checkpoint, args.device)
+
+
+def _stdin_prompts():
+    """Non-empty lines from stdin, with a prompt marker when a person is typing."""
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+
+    formats = Image.registered_extensions()
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"--out {path}: unknown image extension {path.suffix!r} (use .png or .jpg)")
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a folder; give an image file name")
+    return formats[path.suffix.lower()]
+
+
+def _save(image, path: Path, image_format: str) -> None:
+    from ..data.images import to_pil
+
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format=image_format)
+    atomic_write_bytes(path, buffer.getvalue())

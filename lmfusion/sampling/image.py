@@ -1,0 +1,224 @@
+"""Text-to-image: prompt + BOI, then noise patches denoised with a diffusers scheduler.
+
+The prompt's K/V do not depend on the image (the mask is causal), so they are computed once
+and every denoising step only runs the image tokens against the cache. Several prompts, n
+images each, and the two classifier-free-guidance branches share ONE forward per step: all
+their prefixes are left-padded into one batch. The unconditional branch is the prompt-less
+layout the model was trained on for caption dropout: just BOI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from weakref import WeakKeyDictionary
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import sampling_scheduler
+from .text import Context, encode_text, max_positions
+
+_CODECS: WeakKeyDictionary = WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------- codec and image I/O
+def get_codec(model):
+    """The model's image codec (built once per model from `model.config.codec`)."""
+    if model not in _CODECS:
+        from ..codecs import load_codec
+
+        _CODECS[model] = load_codec(**model.config.codec)
+    return _CODECS[model].to(model.device)
+
+
+def encode_images(model, pixels: torch.Tensor, codec=None) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] -> clean latents [N, C, h, w] (fp32)."""
+    codec = codec or get_codec(model)
+    with torch.no_grad():
+        return codec.encode(pixels.to(model.device)).float()
+
+
+def decode_latents(model, latents: torch.Tensor, codec=None) -> torch.Tensor:
+    """Latents -> images [N, 3, H, W] in [0, 1]."""
+    codec = codec or get_codec(model)
+    with torch.no_grad():
+        return codec.decode(latents).float().clamp(0, 1).cpu()
+
+
+def load_images(model, image) -> tuple[torch.Tensor, bool]:
+    """A path / PIL image / tensor, or a list of them, as [N, 3, S, S]; and whether it was one."""
+    from PIL import Image
+
+    from ..data.images import load_rgb_image
+
+    size = model.config.image_size
+    single = not isinstance(image, (list, tuple)) and not (isinstance(image, torch.Tensor) and image.dim() == 4)
+    items = [image] if single else list(image)
+    if not items:
+        raise ValueError("no images given")
+    pixels = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            if tuple(item.shape) != (3, size, size):
+                raise ValueError(f"image tensor has shape {tuple(item.shape)}; this model takes (3, {size}, {size}) in [0, 1]")
+            pixels.append(item.float())
+        elif isinstance(item, (str, bytes, Image.Image)) or hasattr(item, "__fspath__"):
+            pixels.append(load_rgb_image(item, size))
+        else:
+            raise ValueError(f"cannot read an image from {type(item).__name__}")
+    return torch.stack(pixels), single
+
+
+# ---------------------------------------------------------------------- checks
+def prompt_tokens(model, prompt: str, allow_empty: bool = False) -> list[int]:
+    """Prompt ids + BOI, after the checks a user should hear about before any compute."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip() and not allow_empty:
+        raise ValueError("prompt is empty (pass allow_empty=True for an unconditional image)")
+    ids = encode_text(model, prompt) if prompt.strip() else []
+    limit = max_prompt_tokens(model)
+    if len(ids) > limit:
+        raise ValueError(
+            f"prompt is {len(ids)} tokens; at most {limit} fit (the base model's {max_positions(model)} positions "
+            f"minus {model.config.tokens_per_image} image tokens and BOI/EOI)"
+        )
+    return ids + [model.boi_token_id]
+
+
+def max_prompt_tokens(model) -> int:
+    return max_positions(model) - model.config.tokens_per_image - 2
+
+
+def check_sampling_args(steps: int, guidance_scale: float, n: int = 1, scheduler: str = "ddim") -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    sampling_scheduler(scheduler)  # raises ValueError naming the choices
+
+
+# ---------------------------------------------------------------------- the sampler
+def image_generators(seed: int | None, count: int) -> list[torch.Generator]:
+    """One RNG per image, image j seeded with seed + j.
+
+    Per-image RNGs make an image depend only on its prompt and its own seed, not on what else
+    is in the batch: image j of `generate_image(model, prompts, seed=s)` (prompt-major) equals
+    `generate_image(model, prompt_of_j, seed=s + j)`, and different images never share noise.
+    """
+    if seed is None:
+        seed = int(torch.randint(2**31 - count, ()))
+    return [torch.Generator().manual_seed(seed + k) for k in range(count)]
+
+
+@torch.no_grad()
+def denoise(
+    model,
+    branches: Sequence[Context],
+    generators: list[torch.Generator],
+    steps: int,
+    guidance_scale: float,
+    scheduler: str = "ddim",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Run the reverse diffusion for N images; returns clean latents [N, C, h, w] (fp32).
+
+    `branches` are contexts whose rows, concatenated, are N conditional rows followed (when
+    guidance is on, i.e. guidance_scale != 1) by N unconditional rows. Each branch costs one
+    forward per step, so one branch holding everything is the batched case.
+    """
+    config = model.config
+    n = len(generators)
+    sampler = sampling_scheduler(scheduler, config.num_train_timesteps, config.beta_schedule)
+    sampler.set_timesteps(steps)
+    shape = (1, config.latent_channels, config.latent_size, config.latent_size)
+    latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * sampler.init_noise_sigma
+    total = sum(b.rows for b in branches)
+    if total not in (n, 2 * n):
+        raise ValueError(f"branches hold {total} rows; {n} images need {n} (no guidance) or {2 * n}")
+    guided = total == 2 * n
+    for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress, leave=False):
+        x = sampler.scale_model_input(latents, t)
+        rows = torch.cat([x, x]) if guided else x
+        eps = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])
+        if guided:
+            cond, uncond = eps.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        latents = sampler.step(eps, t, latents, generator=generators).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def sample_latents(
+    model,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    steps: int = 50,
+    guidance_scale: float = 1.6,
+    seed: int | None = None,
+    scheduler: str = "ddim",
+    allow_empty: bool = False,
+    cache_prefix: bool = True,
+    batch_cfg: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Latents [len(prompts) * n, C, h, w], prompt-major (n images of prompt 0 first).
+
+    Image j is seeded with seed + j (see `image_generators`).
+
+    cache_prefix=False re-runs the whole sequence every step and batch_cfg=False runs the two
+    guidance branches as two forwards: both only exist to measure and test the fast path.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    check_sampling_args(steps, guidance_scale, n, scheduler)
+    tokens = [prompt_tokens(model, p, allow_empty) for p in prompts]
+    unconditional = [model.boi_token_id]
+    guided = guidance_scale != 1 and any(t != unconditional for t in tokens)
+    cond_rows = torch.arange(len(prompts)).repeat_interleave(n)
+
+    if guided and batch_cfg:  # one context: prompts + the BOI-only row, one forward per step
+        shared = Context.from_tokens(model, tokens + [unconditional], cache_prefix)
+        branches = [shared.select(torch.cat([cond_rows, torch.full_like(cond_rows, len(prompts))]))]
+    else:
+        branches = [Context.from_tokens(model, tokens, cache_prefix).select(cond_rows)]
+        if guided:
+            branches.append(Context.from_tokens(model, [unconditional], cache_prefix).select(torch.zeros_like(cond_rows)))
+    generators = image_generators(seed, len(prompts) * n)
+    return denoise(model, branches, generators, steps, guidance_scale, scheduler, progress)
+
+
+def generate_image(
+    model,
+    prompt: str | Sequence[str],
+    steps: int = 50,
+    guidance_scale: float = 1.6,
+    seed: int | None = None,
+    scheduler: str = "ddim",
+    n: int = 1,
+    allow_empty: bool = False,
+    output: str = "pil",
+    progress: bool = True,
+    codec=None,
+):
+    """Generate n images per prompt; a list, prompt-major, of PIL images (or one tensor).
+
+    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] in [0, 1]) or "latent".
+    guidance_scale: classifier-free guidance, eps = uncond + s * (cond - uncond); 1 = none.
+    """
+    if output not in ("pil", "tensor", "latent"):
+        raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+    latents = sample_latents(
+        model, prompt, n, steps, guidance_scale, seed, scheduler, allow_empty, progress=progress
+    )
+    if output == "latent":
+        return latents
+    images = decode_latents(model, latents, codec)
+    if output == "tensor":
+        return images
+    from ..data.images import to_pil
+
+    return [to_pil(image) for image in images]

@@ -1,0 +1,73 @@
+"""`LMFusionPipeline`: a loaded model and its codec behind the four user-facing entry points.
+
+    pipe = LMFusionPipeline.from_pretrained("runs/shapes")      # a run folder or a model folder
+    pipe.generate_image("a red circle", steps=50, guidance_scale=1.6, seed=0)   # [PIL.Image]
+    pipe.caption("photo.png")                                                   # str
+    pipe.generate_interleaved("Draw a red circle, then describe it.")           # [str | PIL.Image]
+    pipe.generate_text("The capital of France is")                              # str
+
+The same functions are plain functions taking the model first (lmfusion.sampling.image/text/
+interleaved), and `SamplingMixin` exposes them as model methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .image import generate_image, get_codec
+from .interleaved import InterleavedSession, generate_interleaved
+from .text import caption, generate_text
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The requested device, or cuda when available; a bad name is a user error, not a crash."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a model folder, checkpoint folder or run folder (its latest model) for inference."""
+    from ..model.lmfusion import LMFusionModel
+    from ..training.checkpoint import resolve_checkpoint
+
+    device = resolve_device(device)
+    model = LMFusionModel.from_pretrained(resolve_checkpoint(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+class LMFusionPipeline:
+    """A model plus its image codec; every method forwards to the sampling functions."""
+
+    def __init__(self, model, codec=None):
+        self.model = model
+        self.codec = codec if codec is not None else get_codec(model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionPipeline":
+        return cls(load_model(path, device, dtype))
+
+    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = 1.6, seed: int | None = None,
+                       scheduler: str = "ddim", n: int = 1, **options):
+        return generate_image(self.model, prompt, steps, guidance_scale, seed, scheduler, n, codec=self.codec, **options)
+
+    def caption(self, image, **options):
+        return caption(self.model, image, codec=self.codec, **options)
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, **options) -> str:
+        return generate_text(self.model, prompt, max_new_tokens, **options)
+
+    def generate_interleaved(self, prompt: str, **options) -> list:
+        return generate_interleaved(self.model, prompt, codec=self.codec, **options)
+
+    def chat(self, **options) -> InterleavedSession:
+        """A session that keeps its context between `send` calls."""
+        return InterleavedSession(self.model, codec=self.codec, **options)

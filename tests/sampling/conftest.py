@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny base LM whose greedy output varies, wrapped as an LMFusion model.
+
+The tiny base is initialised with a larger std than usual so its logits are peaked: with the
+default init every greedy step picks the same token and "equals the base model" tests are weak.
+The up block's output conv is zero at init (it predicts zero noise); it is re-drawn here so that
+noise predictions, and thus every sampler comparison, actually depend on the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmfusion.model.lmfusion import LMFusionModel
+from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
+
+
+def save_base(directory: Path, seed: int = 0) -> Path:
+    tokenizer = tiny_tokenizer()
+    tiny_text_model(len(tokenizer), seed=seed, initializer_range=0.2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_model(base: Path) -> LMFusionModel:
+    torch.manual_seed(1)
+    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base))).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
+        torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def peaky_base(tmp_path_factory) -> Path:
+    return save_base(tmp_path_factory.mktemp("peaky_base"))
+
+
+@pytest.fixture(scope="session")
+def model(peaky_base) -> LMFusionModel:
+    return build_model(peaky_base)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(model, tmp_path_factory) -> Path:
+    """The fixture model saved as an LMFusion checkpoint (its base is the peaky base folder)."""
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pixel_codec():
+    from lmfusion.codecs.pixel import PixelCodec
+
+    return PixelCodec()
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """These models are tiny: one thread is faster than two, and far faster on a busy machine
+    (idle OpenMP workers spin against other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def make_model(peaky_base):
+    """A fresh model (for tests that change weights and must not touch the shared one)."""
+    return lambda: build_model(peaky_base)
+
+
+@pytest.fixture(scope="session")
+def make_base():
+    """Write another tiny base folder: make_base(directory, seed=...)."""
+    return save_base
