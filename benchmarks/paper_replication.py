@@ -1,0 +1,228 @@
+"""The paper's claims at small scale: LMFusion vs training from scratch, dense and FFN-only, at equal FLOPs.
+
+    python benchmarks/paper_replication.py            # the real run: SmolLM2-135M on shapes (hours on 2 CPU cores)
+    python benchmarks/paper_replication.py --smoke    # tiny offline model, a few steps: checks the pipeline
+
+Four runs on the same shapes data and the same examples in the same order (Table 1 + the §5.1 ablation):
+  lmfusion  frozen SmolLM2 + image copies of every layer initialised from the text weights (the paper)
+  scratch   the same architecture, everything random and trained (the Transfusion baseline)
+  dense     one set of weights for both modalities, all trained (no separation, eta_text/eta_img = 1)
+  ffn_only  only the FFNs are per modality, attention shared and frozen (shallow separation)
+
+Equal FLOPs: LMFusion trains `--steps` steps; its FLOPs per step (measured by
+lmfusion.evaluation.flops on the run's own batches) times those steps is the budget, and every
+other mode trains budget / (its FLOPs per step) steps. Each run is then evaluated with
+lmfusion.evaluation (text perplexity and exact-logit check, CIDEr, FID, oracle accuracy).
+
+Everything is resumable: the data, FLOP measurements, training runs (lmfusion train --resume)
+and finished evaluations under --work are reused; run the same command again after an
+interruption. Results: benchmarks/results/paper_replication[_smoke].{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmfusion.evaluation.evaluate import EvalSettings, evaluate_checkpoint, load_report, weights_fingerprint
+from lmfusion.evaluation.feature_net import FeatureNetRecipe
+from lmfusion.evaluation.flops import run_step_flops
+from lmfusion.evaluation.tables import write_results
+from lmfusion.training import load_config, train
+from lmfusion.training.checkpoint import latest_checkpoint, resolve_checkpoint
+
+MODES = ("lmfusion", "scratch", "dense", "ffn_only")
+ROOT = Path(__file__).resolve().parents[1]
+
+# The real run. 32 px images in 8 px patches (16 image tokens) keep one step of SmolLM2 at ~8 s on
+# this CPU (batch 8, one thread); shapes stay readable at 32 px (the oracle reads real images at
+# ~0.93 all-correct, see the "oracle ceiling" in each report). 200 LMFusion steps ~ 30 min a run.
+REAL = dict(
+    base_model="smollm2-135m", image_size=32, patch_size=8, batch_size=8, steps=200, lr=3e-4, min_lr=3e-5,
+    warmup_steps=20, images=4000, eval_n=64, eval_steps=20, flop_sample_steps=4, model={},
+    recipe=FeatureNetRecipe(),
+)
+SMOKE = dict(
+    base_model=None, image_size=16, patch_size=8, batch_size=4, steps=3, lr=1e-3, min_lr=1e-4,
+    warmup_steps=1, images=160, eval_n=6, eval_steps=2, flop_sample_steps=1,
+    model=dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32),
+    recipe=FeatureNetRecipe(epochs=3, max_train_images=200),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny offline base model and a few steps (pipeline check)")
+    p.add_argument("--work", default=None, help="data, runs and caches (default runs/paper_replication[_smoke])")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
+    p.add_argument("--steps", type=int, default=None, help="LMFusion's steps; sets the FLOP budget of every run")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--eval-n", type=int, default=None, help="test images captioned / captions generated per run")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    return p.parse_args(argv)
+
+
+def settings_for(args) -> dict:
+    settings = dict(SMOKE if args.smoke else REAL)
+    for key, value in (("steps", args.steps), ("batch_size", args.batch_size), ("eval_n", args.eval_n)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            settings[key] = value
+    return settings
+
+
+# ------------------------------------------------------------------------------------ preparation
+def prepare_data(work: Path, settings: dict) -> Path:
+    """A shapes dataset with train/ and test/ splits (generated once, deterministic in the seed)."""
+    from lmfusion.data import generate_shapes_dataset
+
+    path = work / "data" / f"shapes-{settings['images']}-{settings['image_size']}px"
+    if not (path / "test" / "metadata.jsonl").is_file():
+        print(f"[replication] generating {settings['images']} shapes images at {path}", flush=True)
+        size = max(settings["image_size"], 32)  # the feature net reads 32 px; smaller models downsample
+        generate_shapes_dataset(path, settings["images"], size=size, seed=0, progress=False, split=True,
+                                test_fraction=0.1, overwrite=True)
+    return path
+
+
+def base_model_for(work: Path, settings: dict) -> str:
+    if settings["base_model"] is not None:
+        return settings["base_model"]
+    from lmfusion.testing import save_tiny_base
+
+    path = work / "tiny_base"
+    if not (path / "config.json").is_file():
+        save_tiny_base(path)
+    return str(path)
+
+
+def train_config(mode: str, steps: int, work: Path, data: Path, base_model: str, settings: dict, args):
+    return load_config(None, overrides=dict(
+        name=mode, runs_dir=str(work / "runs"), mode=mode, base_model=base_model, data=str(data),
+        image_size=settings["image_size"], patch_size=settings["patch_size"], model=dict(settings["model"]),
+        batch_size=settings["batch_size"], max_steps=steps, lr=settings["lr"], min_lr=settings["min_lr"],
+        warmup_steps=min(settings["warmup_steps"], max(steps - 1, 0)), latent_cache=str(work / "latents"),
+        checkpoint_every=max(steps // 4, 1), keep_checkpoints=1, log_every=max(steps // 20, 1),
+        progress=not args.smoke, threads=args.threads,
+    ))
+
+
+# ------------------------------------------------------------------------------------ FLOPs and steps
+def step_flops(mode: str, work: Path, data: Path, base_model: str, settings: dict, args) -> dict:
+    """FLOPs per step of `mode`, measured once and cached (keyed by everything that changes them)."""
+    config = train_config(mode, 1, work, data, base_model, settings, args)
+    key = {k: v for k, v in config.to_dict().items() if k not in ("max_steps", "warmup_steps", "checkpoint_every",
+                                                                    "log_every", "progress", "threads")}
+    key["sample_steps"] = settings["flop_sample_steps"]
+    path = work / "flops" / f"{mode}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["flops"]
+    print(f"[replication] measuring FLOPs per step of {mode}", flush=True)
+    flops = run_step_flops(config, settings["flop_sample_steps"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "flops": flops}, indent=1) + "\n")
+    return flops
+
+
+def equal_flop_steps(flops: dict[str, dict], lmfusion_steps: int) -> tuple[float, dict[str, int]]:
+    """The budget (LMFusion's FLOPs) and each mode's step count that spends it."""
+    reference = flops["lmfusion"]["measured"] if "lmfusion" in flops else next(iter(flops.values()))["measured"]
+    budget = reference * lmfusion_steps
+    return budget, {mode: max(1, round(budget / f["measured"])) for mode, f in flops.items()}
+
+
+# ------------------------------------------------------------------------------------ train and evaluate
+def train_seconds(run_dir: Path) -> float:
+    """Summed step times of the run's final history (a resumed run's redone steps counted once)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    times = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            times[row["step"]] = row.get("step_time", 0.0)
+    return float(sum(times.values()))
+
+
+def run_training(config) -> None:
+    found = latest_checkpoint(config.run_dir)
+    done = found is not None and json.loads((found / "trainer_state.json").read_text())["step"] >= config.max_steps
+    if done:
+        print(f"[replication] {config.name}: already trained ({config.max_steps} steps)", flush=True)
+        return
+    print(f"[replication] training {config.name} for {config.max_steps} steps", flush=True)
+    train(config, resume=True)
+
+
+def run_evaluation(config, data: Path, settings: dict, work: Path) -> dict:
+    eval_settings = EvalSettings(n=settings["eval_n"], steps=settings["eval_steps"], batch_size=16,
+                                 feature_cache=str(work / "feature_nets"), recipe=settings["recipe"])
+    out = config.run_dir / "eval"
+    previous = load_report(out)
+    model_dir = resolve_checkpoint(config.run_dir)
+    if previous and previous.get("settings") == json.loads(json.dumps(eval_settings.to_dict())) \
+            and previous.get("model") == weights_fingerprint(model_dir):
+        print(f"[replication] {config.name}: evaluation reused from {out}", flush=True)
+        return previous
+    print(f"[replication] evaluating {config.name}", flush=True)
+    return evaluate_checkpoint(config.run_dir, data, out, eval_settings)
+
+
+def shown(path) -> str:
+    """A path relative to the repository when it is inside it (results files stay portable)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = settings_for(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work or ROOT / "runs" / ("paper_replication_smoke" if args.smoke else "paper_replication"))
+    started = time.time()
+    data = prepare_data(work, settings)
+    base_model = base_model_for(work, settings)
+    modes = list(dict.fromkeys(["lmfusion", *args.modes]))  # LMFusion sets the budget
+    flops = {m: step_flops(m, work, data, base_model, settings, args) for m in modes}
+    budget, steps = equal_flop_steps(flops, settings["steps"])
+    runs = []
+    for mode in modes:
+        config = train_config(mode, steps[mode], work, data, base_model, settings, args)
+        run_training(config)
+        report = run_evaluation(config, data, settings, work)
+        runs.append({"mode": mode, "steps": steps[mode], "flops_per_step": flops[mode],
+                     "train_flops": flops[mode]["measured"] * steps[mode], "train_seconds": train_seconds(config.run_dir),
+                     "run_dir": shown(config.run_dir), "eval": report})
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+    meta = {"command": command, "smoke": args.smoke, "settings": {k: v for k, v in settings.items() if k != "recipe"},
+            "budget_flops": budget, "base_model": shown(base_model) if Path(base_model).exists() else base_model,
+            "data": shown(data), "machine": machine(),
+            "wall_seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    stem = "paper_replication_smoke" if args.smoke else "paper_replication"
+    paths = write_results(Path(args.results), stem, meta, runs)
+    print(f"[replication] wrote {paths[0]} and {paths[1]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`lmfusion eval`: text preservation, captioning and generation metrics for one checkpoint.
+
+Arguments are checked before anything loads, so a typo fails in a second. User errors are
+ValueError / FileNotFoundError, which the dispatcher prints as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint (text ppl, CIDEr, FID, oracle)",
+        description="Evaluate a checkpoint on held-out text and a caption dataset's test split; "
+        "writes report.json, report.md and sample grids.",
+    )
+    p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or training run folder")
+    p.add_argument("--data", required=True, help="caption dataset (DATA/train + DATA/test, e.g. `lmfusion data shapes`)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval/STEP, or MODEL-eval)")
+    p.add_argument("--n", type=int, default=64, help="test images to caption and captions to generate from (default 64)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps per generated image (default 20)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance; 1 = none (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--base-model", default=None, help="load the base LM from here instead of the checkpoint's base_model")
+    p.add_argument("--feature-cache", default=None, help="folder for the cached FID feature net")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from .evaluate import EvalSettings, evaluate_checkpoint
+
+    settings = EvalSettings(
+        n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+        base_model=args.base_model, feature_cache=args.feature_cache,
+    )
+    for name in ("checkpoint", "data"):
+        if not Path(getattr(args, name)).exists():
+            raise FileNotFoundError(f"--{name} not found: {getattr(args, name)}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.out, settings, device=args.device)
+    print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
+    return 0

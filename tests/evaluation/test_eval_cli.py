@@ -1,0 +1,35 @@
+"""`lmfusion eval` end to end on a tiny checkpoint: report.json, report.md and grids, reused feature net."""
+
+import json
+
+from lmfusion.cli import main
+
+
+def test_eval_writes_a_complete_report(tiny_checkpoint, shapes_data, feature_cache, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(shapes_data), "--out", str(out),
+                 "--n", "6", "--steps", "2", "--batch-size", "4", "--feature-cache", str(feature_cache)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "lmfusion"
+    assert report["text"]["max_abs_logit_diff"] == 0.0 and report["text"]["base_ppl"] == report["text"]["model_ppl"]
+    understanding, generation = report["understanding"], report["generation"]
+    assert understanding["n"] == 6 and len(understanding["samples"]) == 6
+    assert {"cider", "exact_match", "scene"} <= understanding.keys()
+    assert generation["n"] == 6 and generation["fid"] >= 0 and generation["fid_real_vs_real"] >= 0
+    assert set(generation["oracle"]) == {"shape", "colour", "size", "position", "count", "all_correct"}
+    assert generation["feature_net"]["kind"] == "shapes"
+    assert report["settings"]["n"] == 6 and report["machine"]["device"] == "cpu"
+    page = (out / "report.md").read_text()
+    for needle in ("Text preservation", "CIDEr", "FID", "Oracle", "![generated](generated.png)"):
+        assert needle in page
+    assert (out / "generated.png").stat().st_size > 0 and (out / "real.png").stat().st_size > 0
+    assert "report.json" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path)]) == 2
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path), "--n", "1"]) == 2
+    assert "n must be at least 2" in capsys.readouterr().err
