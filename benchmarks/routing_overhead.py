@@ -73,8 +73,8 @@ def main() -> None:
 
     def run_unet():
         temb = model.time_embed(timesteps, latents.dtype)
-        tokens, skip = model.image_in(latents, temb)
-        model.image_out(tokens, skip, temb)
+        tokens, skips = model.image_in(latents, temb)
+        model.image_out(tokens, skips, temb)
 
     def run_text_only():
         model(text_ids)

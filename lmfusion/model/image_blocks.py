@@ -38,7 +38,7 @@ def _resnet(in_ch: int, out_ch: int, config: LMFusionConfig) -> ResnetBlock2D:
 
 
 class ImageDownBlock(nn.Module):
-    """Latent -> patch tokens. Returns the tokens and the features the up block's skip reuses."""
+    """Latent -> patch tokens, plus the feature map of every resolution for the up block's skips."""
 
     def __init__(self, config: LMFusionConfig, hidden_size: int):
         super().__init__()
@@ -49,17 +49,25 @@ class ImageDownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(ch, use_conv=True, name="op") for _ in range(levels)])
         self.to_tokens = nn.Conv2d(ch, hidden_size, kernel_size=1)
 
-    def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.conv_in(latents)
+        skips = []
         for resnet, down in zip(self.resnets, self.downsamplers):
-            h = down(resnet(h, temb))
-        skip = self.resnets[-1](h, temb)
-        tokens = self.to_tokens(skip).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major
-        return tokens, skip
+            h = resnet(h, temb)
+            skips.append(h)
+            h = down(h)
+        h = self.resnets[-1](h, temb)
+        skips.append(h)
+        tokens = self.to_tokens(h).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major
+        return tokens, skips
 
 
 class ImageUpBlock(nn.Module):
-    """Final hidden states of image tokens (+ skip features) -> predicted noise."""
+    """Final hidden states of image tokens (+ the down block's features) -> predicted noise.
+
+    Skip connections at every resolution, as in a U-Net: the noise to predict has full-resolution
+    detail that a patch-level bottleneck alone cannot carry.
+    """
 
     def __init__(self, config: LMFusionConfig, hidden_size: int):
         super().__init__()
@@ -69,17 +77,18 @@ class ImageUpBlock(nn.Module):
         levels = int(math.log2(config.patch_size))
         self.merge = _resnet(2 * ch, ch, config)
         self.upsamplers = nn.ModuleList([Upsample2D(ch, use_conv=True) for _ in range(levels)])
-        self.resnets = nn.ModuleList([_resnet(ch, ch, config) for _ in range(levels)])
+        self.resnets = nn.ModuleList([_resnet(2 * ch, ch, config) for _ in range(levels)])
         self.norm_out = nn.GroupNorm(config.unet_norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, config.latent_channels, kernel_size=3, padding=1)
         # Start by predicting zero noise: the first steps do not fight a random output head.
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, hidden: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]
+        skips = list(skips)
         h = self.from_tokens(hidden.transpose(1, 2).reshape(n, -1, self.side, self.side))
-        h = self.merge(torch.cat([h, skip], dim=1), temb)
+        h = self.merge(torch.cat([h, skips.pop()], dim=1), temb)
         for up, resnet in zip(self.upsamplers, self.resnets):
-            h = resnet(up(h), temb)
+            h = resnet(torch.cat([up(h), skips.pop()], dim=1), temb)
         return self.conv_out(nn.functional.silu(self.norm_out(h)))

@@ -213,7 +213,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
         attention_mask: [B, past + L], 1 = real token; positions follow it (left padding works).
         logits_mask: [B, L] bool; when given, logits only for those positions, as [M, V + 2].
         """
-        text_rows, image_rows, routing, cache, skip, temb = self._backbone(
+        text_rows, image_rows, routing, cache, skips, temb = self._backbone(
             input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache
         )
         logits = None
@@ -233,7 +233,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
         noise_pred = None
         if image_rows is not None and image_rows.shape[0]:
             n = image_latents.shape[0]
-            noise_pred = self.image_out(image_rows.view(n, self.config.tokens_per_image, -1), skip, temb)
+            noise_pred = self.image_out(image_rows.view(n, self.config.tokens_per_image, -1), skips, temb)
         return LMFusionOutput(logits=logits, noise_pred=noise_pred, cache=cache)
 
     def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache):
@@ -248,7 +248,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
 
         text_embeds = self.embed_text(input_ids).reshape(batch * length, -1)
         x_text = text_embeds.index_select(0, routing.text_index) if routing.has_images else text_embeds
-        x_image = skip = temb = None
+        x_image = skips = temb = None
         if routing.has_images:
             if image_latents is None or timesteps is None:
                 raise ValueError("image_mask marks image positions but image_latents/timesteps are missing")
@@ -259,7 +259,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
                     f"images need {expected} ({self.config.tokens_per_image} each)"
                 )
             temb = self.time_embed(timesteps, image_latents.dtype)
-            tokens, skip = self.image_in(image_latents, temb)
+            tokens, skips = self.image_in(image_latents, temb)
             x_image = tokens.reshape(-1, tokens.shape[-1]).to(x_text.dtype)
 
         if position_ids is None:
@@ -292,7 +292,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
         if x_image is not None:
             final_norm = self.image_norm if self.image_norm is not None else self.text_model.model.norm
             x_image = final_norm(x_image)
-        return x_text, x_image, routing, cache, skip, temb
+        return x_text, x_image, routing, cache, skips, temb
 
     def _layer(self, index, x_text, x_image, routing: Routing, rotary, mask, cache):
         text = self.text_model.model.layers[index]
