@@ -1,0 +1,250 @@
+"""Run folders and checkpoints: atomic, pickle-free, exactly resumable.
+
+    runs/<name>/
+      config.yaml                      the resolved TrainConfig
+      latest                           "step_000200": the newest COMPLETE checkpoint
+      checkpoints/step_000200/
+        model/                         LMFusionModel.save_pretrained (load with --checkpoint)
+        optimizer.safetensors          AdamW moments and step counts
+        optimizer.json                 param groups (lr, betas, ...)
+        rng.safetensors                torch CPU (+ CUDA) generator states
+        trainer_state.json             step, samples seen, scheduler, python/numpy RNG, metrics
+
+A checkpoint is written into a hidden temporary folder and renamed into place, and only then
+does `latest` (itself replaced atomically) point at it. A process killed at any instant
+therefore leaves either the previous checkpoint or the new one, never a half-written folder that
+a resume would trust. Everything is safetensors or JSON: loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..utils import atomic_write_bytes
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MODEL_DIR = "model"
+STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
+MODEL_CONFIG = "lmfusion_config.json"  # = lmfusion.model.lmfusion.CONFIG_FILE
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name)]
+    found = [p for p in found if (p / "trainer_state.json").is_file() and (p / MODEL_DIR / MODEL_CONFIG).is_file()]
+    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; if that file is missing or stale, the newest complete one."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        candidate = run_dir / CHECKPOINTS / pointer.read_text().strip()
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Map what a user passes as --checkpoint to a model folder `LMFusionModel.from_pretrained` loads.
+
+    Accepts a model folder, a checkpoint folder (runs/x/checkpoints/step_000100) or a run folder
+    (runs/x, resolved through its `latest` pointer).
+    """
+    path = Path(path)
+    if (path / MODEL_CONFIG).is_file():
+        return path
+    if (path / MODEL_DIR / MODEL_CONFIG).is_file():
+        return path / MODEL_DIR
+    if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir():
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"training run {path} has no complete checkpoint yet")
+        return checkpoint / MODEL_DIR
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raise FileNotFoundError(f"{path} is neither an LMFusion model folder, a checkpoint folder nor a training run folder")
+
+
+# --------------------------------------------------------------------------- run folders
+def prepare_run_dir(config, resume: bool, overwrite: bool) -> Path:
+    """Create (or reopen, for --resume) runs/<name>/ and write the resolved config.yaml.
+
+    An existing run is never silently mixed with a new one: without --resume or --overwrite it
+    is an error, and --resume refuses a config that would train something different.
+    """
+    from .config import TrainConfig, config_differences, read_yaml
+
+    run_dir = config.run_dir
+    saved = run_dir / "config.yaml"
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if (saved.is_file() or list_checkpoints(run_dir)) and not (resume or overwrite):
+        raise ValueError(f"{run_dir} already holds a training run: pass --resume to continue it, "
+                         "--overwrite to start over, or choose another --name")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if resume and saved.is_file():
+        old = TrainConfig.from_dict(read_yaml(saved))
+        changed = config_differences(old, config)
+        if changed:
+            raise ValueError(f"--resume: {', '.join(changed)} differ from {saved}; resume with the same settings "
+                             "(or start a new run with another --name)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial(run_dir)
+    write_text_atomic(saved, config.to_yaml())
+    return run_dir
+
+
+# --------------------------------------------------------------------------- state (de)serialisation
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split optimizer.state_dict() into tensors (safetensors) and everything else (JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    kind, keys, *rest = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --------------------------------------------------------------------------- save / load
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, then drop all but the newest `keep`."""
+    run_dir = Path(run_dir)
+    target = run_dir / CHECKPOINTS / step_name(step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp / MODEL_DIR)
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", opt_meta)
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        _write_json(tmp / "trainer_state.json", state)  # written last: its presence marks completeness
+        _fsync_tree(tmp)
+        if target.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(run_dir / LATEST, f"{target.name}\n")
+    prune_checkpoints(run_dir, keep)
+    return target
+
+
+def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state."""
+    from ..model.lmfusion import WEIGHTS_FILE
+
+    checkpoint = Path(checkpoint)
+    weights = load_file(str(checkpoint / MODEL_DIR / WEIGHTS_FILE))
+    expected = set(model.adapter_state_dict())
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{checkpoint} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(weights, strict=False)
+    meta = json.loads((checkpoint / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_files(load_file(str(checkpoint / "optimizer.safetensors")), meta))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(load_file(str(checkpoint / "rng.safetensors")), state["rng"])
+    return state
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints, and always the one `latest` names."""
+    pinned = latest_checkpoint(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old != pinned:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial(run_dir: str | Path) -> int:
+    """Delete temporary folders left by a process killed mid-save; returns how many."""
+    folder = Path(run_dir) / CHECKPOINTS
+    stale = [p for p in folder.glob(".step_*.tmp-*")] if folder.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every file durable before the rename publishes the folder; give it normal permissions.
+
+    (mkdtemp/mkstemp create private 0700/0600 entries; a checkpoint should be as readable as any
+    file the user writes, e.g. by an evaluation job running as another user.)
+    """
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(Path(dirpath) / name, 0o644)
+            with open(Path(dirpath) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+    os.chmod(path, 0o644)

@@ -1,0 +1,76 @@
+"""`lmfusion train`: every TrainConfig field is also a flag (`--max-steps 200`, `--codec '{name: taef2}'`).
+
+Resolution order: defaults <- --preset <- --config FILE <- flags. Values are parsed as YAML, so
+numbers, booleans, lists and mappings work as on the command line as in the file.
+
+    lmfusion train --preset quickstart
+    lmfusion train --config configs/quickstart.yaml --max-steps 100 --name longer
+    lmfusion train --preset quickstart --resume                  # continue after a crash
+    torchrun --standalone --nproc_per_node 2 -m lmfusion.cli train --preset quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+
+from .config import PRESETS, TrainConfig, load_config, parse_value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the image modules of an LMFusion model",
+        description="Train LMFusion: frozen text LM + trainable image copies, text CE + 5 x diffusion MSE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[-1],
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
+    parser.add_argument("--config", help="YAML file of config keys (overrides the preset)")
+    parser.add_argument("--resume", action="store_true", help="continue runs/<name> from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing runs/<name> first")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    fields = parser.add_argument_group("config keys (see configs/quickstart.yaml)")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("list", list):
+            fields.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE")
+        elif field.type in ("bool", bool):
+            fields.add_argument(flag, dest=field.name, nargs="?", const=True, type=parse_value, default=argparse.SUPPRESS)
+        else:  # strings stay verbatim (YAML would turn "no" into False); the rest parse as YAML
+            kind = str if field.type in ("str", str) else parse_value
+            fields.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, metavar="VALUE")
+    parser.set_defaults(func=run_train)
+
+
+def config_from_args(args) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(args.preset, args.config, overrides)
+
+
+def run_train(args) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    from . import train
+
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    if summary.get("checkpoint"):
+        print_epilogue(config, summary)
+    return 0
+
+
+def print_epilogue(config: TrainConfig, summary: dict) -> None:
+    final = summary["final"] or {}
+    run = summary["run_dir"]
+    prompt = (config.sample_prompts or ["a small red circle"])[0]
+    print(f"\ntrained {summary['steps'] - summary['first_step']} steps in {summary['wall_time']:.0f} s"
+          + (f"; final loss {final['loss']:.4f} (text {final['text_loss']:.4f}, image {final['image_loss']:.4f})" if final else ""))
+    print(f"run folder:   {run}/  (config.yaml, train.log, metrics.jsonl)")
+    print(f"checkpoint:   {summary['checkpoint']}/model  ({run}/latest names the newest)")
+    if config.sample_every:
+        print(f"samples:      {run}/samples/")
+    print(f"tensorboard:  tensorboard --logdir {run}/tensorboard")
+    print(f"generate:     lmfusion generate --checkpoint {run} --prompt {shlex.quote(prompt)} --out sample.png")
+    print(f"continue:     lmfusion train --config {run}/config.yaml --resume --max-steps {2 * summary['steps']}")

@@ -1,0 +1,254 @@
+"""TrainConfig: every knob of a training run, in one flat dataclass.
+
+A run's config is resolved in layers, later ones winning: the dataclass defaults, a named
+preset, a YAML file, then command-line flags. The resolved config is written to the run folder
+(`config.yaml`), so a run can always be re-created and resumed from what is on disk. Unknown keys
+are an error rather than silently ignored: a misspelt `lr_warmup` must not train with defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LMFusionConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # ---- run
+    name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 0
+
+    # ---- model (see LMFusionConfig; `model` holds any further LMFusionConfig field)
+    base_model: str = "smollm2-135m"
+    mode: str = "lmfusion"
+    image_size: int = 64
+    patch_size: int = 8
+    codec: dict = field(default_factory=lambda: {"name": "pixel"})
+    model: dict = field(default_factory=dict)
+
+    # ---- data
+    data: str = "data/shapes"
+    generate_shapes: int = 0  # > 0: create a shapes dataset of this many images at `data` if missing
+    max_text_tokens: int = 64
+    image_first_ratio: float = 0.2  # paper: caption before image 80%, image before caption 20%
+    caption_dropout: float = 0.1  # caption-first examples whose caption becomes "" (CFG unconditional)
+    text_only_ratio: float = 0.0  # examples that are plain text (no image)
+    text_data: str = ""  # text file, one document per line, for text-only examples ("" = captions)
+    latent_cache: str = ""  # folder of pre-encoded latents ("" = <LMFUSION_CACHE>/latents, "none" = off)
+
+    # ---- optimisation
+    max_steps: int = 1000
+    batch_size: int = 8  # examples per optimizer step, over all processes
+    micro_batch_size: int = 0  # examples per forward pass and process (0 = batch_size / world size)
+    lr: float = 1e-4
+    min_lr: float = 1.5e-5  # cosine decay floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
+    gradient_checkpointing: bool = False
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+
+    # ---- logging, checkpoints, samples
+    log_every: int = 10
+    checkpoint_every: int = 100  # also always at the last step
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # 0 disables sample grids
+    sample_prompts: list = field(
+        default_factory=lambda: ["a small red circle", "a large blue square on the left", "a green triangle above a yellow circle"]
+    )
+    sample_steps: int = 50
+    sample_cfg: float = 3.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f.name, str(f.type), getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
+            (0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every must be >= 0 and log_every > 0"),
+            (isinstance(self.codec, dict) and "name" in self.codec, f"codec must be a mapping with a 'name', got {self.codec!r}"),
+            (bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}"),
+        ]
+        for ratio in ("image_first_ratio", "caption_dropout", "text_only_ratio"):
+            value = getattr(self, ratio)
+            checks.append((0.0 <= value <= 1.0, f"{ratio} must be in [0, 1], got {value}"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        known = {f.name for f in dataclasses.fields(LMFusionConfig)}
+        reserved = {"base_model", "base_model_hash", "mode", "image_size", "patch_size", "codec", "latent_channels", "latent_size"}
+        bad = sorted(set(self.model) - (known - reserved))
+        if bad:
+            raise ValueError(f"unknown or reserved keys under model: {bad} (allowed: {sorted(known - reserved)})")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def split_batch(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch_size, accumulation steps) so that micro x accum x world == batch_size."""
+        micro = self.micro_batch_size or max(1, self.batch_size // world_size)
+        if self.batch_size % (micro * world_size):
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro} x {world_size} processes"
+            )
+        return micro, self.batch_size // (micro * world_size)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return cls(**check_keys(data))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **check_keys(changes))
+
+
+def coerce(name: str, kind: str, value: Any) -> Any:
+    """Check a value against its field type; accept the obvious spellings ("3e-4", 1 for 1.0)."""
+    try:
+        if kind == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool):
+            if isinstance(value, (int, str)) or (isinstance(value, float) and value.is_integer()):
+                return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+        if kind == "str" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if kind == "dict" and isinstance(value, dict):
+            return dict(value)
+        if kind == "list" and isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+    except ValueError:
+        pass
+    raise ValueError(f"{name} must be a {kind}, got {value!r}")
+
+
+def check_keys(data: dict) -> dict:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown training config keys: {unknown}; known keys: {sorted(known)}")
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return check_keys(data)
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict] = {
+    # SmolLM2-135M + pixel codec at 64 px, 8x8 patches (64 tokens per image) on a generated shapes
+    # set: ~5 minutes on 2 CPU cores. It shows the loop, checkpoints, logs and samples working end
+    # to end; it does not produce a good image model (that needs thousands of steps). One thread:
+    # on a shared 2-core machine two OpenMP threads ran 5x SLOWER (benchmarks/results).
+    "quickstart": dict(
+        name="quickstart",
+        base_model="smollm2-135m",
+        image_size=64,
+        patch_size=8,
+        codec={"name": "pixel"},
+        data="data/shapes",
+        generate_shapes=2000,
+        max_steps=30,
+        batch_size=4,
+        lr=3e-4,
+        min_lr=3e-5,
+        warmup_steps=5,
+        threads=1,
+        log_every=5,
+        checkpoint_every=15,
+        keep_checkpoints=2,
+        sample_every=30,
+        sample_steps=10,
+    ),
+    # Tiny images and U-Net for smoke tests; pair it with a tiny base LM
+    # (lmfusion.testing.save_tiny_base) via --base-model for runs of a few seconds.
+    "tiny": dict(
+        name="tiny",
+        image_size=16,
+        patch_size=8,
+        model=dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32),
+        batch_size=4,
+        max_steps=20,
+        warmup_steps=2,
+        lr=1e-3,
+        min_lr=1e-4,
+        log_every=1,
+        checkpoint_every=10,
+    ),
+}
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file <- overrides (flags)."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if path is not None:
+        values.update(read_yaml(path))
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (`3e-4`, `true`, `{name: taef2}`), else the raw string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# Fields a resumed run may change: they do not alter what the next optimizer step computes
+# (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
+RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                     "sample_prompts", "sample_steps", "sample_cfg", "progress", "threads", "latent_cache",
+                     "runs_dir", "generate_shapes"}
+
+
+def config_differences(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """Keys that differ between two configs and would make a resume train something else."""
+    a, b = old.to_dict(), new.to_dict()
+    return sorted(k for k in a if k not in RESUMABLE_CHANGES and json.dumps(a[k]) != json.dumps(b[k]))

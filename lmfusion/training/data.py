@@ -1,0 +1,252 @@
+"""Training data: caption records -> pre-encoded latents -> interleaved training batches.
+
+Two decisions shape this module:
+
+* Latents are encoded ONCE per (dataset, image size, codec) and cached as safetensors. The codec
+  is frozen, so re-encoding the same images every epoch would only burn time (for TAEF2 on a CPU
+  the encoder costs about as much as a training step of a small model).
+* Every random choice about an example (which record, caption-first or image-first, caption
+  dropped, text-only) is a pure function of (seed, global sample position). Batches therefore do
+  not depend on how many processes share the work or on where a run was interrupted: resuming
+  at step s, or running on 2 ranks instead of 1, draws exactly the same examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from ..model.sequence import Example, MultimodalBatch, SequenceBuilder
+from ..utils import atomic_write_bytes
+
+CACHE_FORMAT = 1  # bump when the cached content changes meaning
+_PLAN_SALT = 0x5EED  # separates the per-example draws from any other use of the seed
+
+
+def ensure_dataset(config) -> None:
+    """Generate the shapes dataset at `config.data` when asked to and it is missing (quickstart)."""
+    if config.generate_shapes and not Path(config.data).exists():
+        from ..data import generate_shapes_dataset
+
+        generate_shapes_dataset(config.data, config.generate_shapes, size=config.image_size, seed=0,
+                                progress=config.progress, split=True)
+
+
+# --------------------------------------------------------------------------- latent cache
+@dataclass
+class CaptionLatents:
+    """A whole dataset as clean latents [N, C, h, w] plus its captions and skip statistics."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    stats: dict  # {"source", "seen", "ok", "skipped": {reason: count}}
+    cache_path: Path | None = None
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def stats_summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.get("skipped", {}).items()))
+        skipped = sum(self.stats.get("skipped", {}).values())
+        text = f"{self.stats.get('source')}: seen={self.stats.get('seen')} ok={self.stats.get('ok')} skipped={skipped}"
+        return text + (f" ({reasons})" if reasons else "")
+
+
+def dataset_fingerprint(path: str) -> dict:
+    """What identifies a dataset's content cheaply: every file's name, size and mtime.
+
+    Hashing all image bytes would cost as much as decoding them; sizes and mtimes change whenever
+    a file is rewritten, which is what matters for a cache.
+    """
+    from ..data import expand_shards
+
+    if Path(path).exists():
+        root = Path(path).resolve()
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".lmfusion" not in p.parts)
+    else:  # a glob / brace pattern of WebDataset shards
+        files = [Path(u).resolve() for u in expand_shards(path) if os.path.isfile(u)]
+    listing = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"path": str(Path(path).resolve()) if Path(path).exists() else path, "files": listing}
+
+
+def codec_fingerprint(codec, image_size: int) -> str:
+    """A hash of the codec's output on a fixed probe image.
+
+    The codec's config names it, but its weights or its normalisation code can change under the
+    same name; encoding one synthetic image catches both. Rounded, so that a different thread
+    count (a different float summation order) does not invalidate the cache.
+    """
+    ramp = torch.linspace(0, 1, image_size)
+    probe = torch.stack([ramp.view(1, -1).expand(image_size, -1), ramp.view(-1, 1).expand(-1, image_size),
+                         (ramp.view(1, -1) * ramp.view(-1, 1))]).unsqueeze(0)
+    latents = codec.encode(probe).float().cpu()
+    return hashlib.sha256((latents * 1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def cache_key(data: str, image_size: int, codec) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "data": dataset_fingerprint(data), "size": image_size,
+                       "codec": codec.config(), "probe": codec_fingerprint(codec, image_size)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    from ..base_models import cache_dir
+
+    return cache_dir() / "latents"
+
+
+def cache_file(data: str, image_size: int, codec, cache_dir: str) -> Path | None:
+    """Where the latents of (data, size, codec) live; None when caching is off."""
+    if cache_dir == "none":
+        return None
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(data)).name) or "data"
+    return folder / f"{stem}-{cache_key(data, image_size, codec)}.safetensors"
+
+
+def encode_dataset(data: str, image_size: int, codec, batch: int = 64, progress: bool = True) -> CaptionLatents:
+    """Read every usable record once and encode its image. Bad records are counted, not fatal."""
+    from tqdm.auto import tqdm
+
+    from ..data import NoUsableDataError, open_caption_dataset
+
+    try:
+        dataset = open_caption_dataset(data, image_size)
+        records = iter(dataset) if not hasattr(dataset, "__len__") else (dataset[i] for i in range(len(dataset)))
+        chunks, captions, pending = [], [], []
+        for record in tqdm(records, desc="encoding latents", unit="img", disable=not progress):
+            pending.append(record.image)
+            captions.append(record.caption)
+            if len(pending) == batch:
+                chunks.append(codec.encode(torch.stack(pending)).float().cpu())
+                pending = []
+        if pending:
+            chunks.append(codec.encode(torch.stack(pending)).float().cpu())
+    except NoUsableDataError as error:  # the CLI reports ValueErrors as one clear line
+        raise ValueError(f"no usable training data: {error}") from None
+    stats = dataset.stats
+    stats_dict = {"source": stats.source, "seen": stats.seen, "ok": stats.ok, "skipped": dict(stats.skipped)}
+    if not captions:
+        raise ValueError(f"no usable training data in {data}: {stats.summary()}")
+    return CaptionLatents(torch.cat(chunks), captions, stats_dict)
+
+
+def load_or_encode(data: str, image_size: int, codec, cache_dir: str = "", progress: bool = True) -> CaptionLatents:
+    """The dataset's latents from the cache, encoding and caching them on a miss."""
+    path = cache_file(data, image_size, codec, cache_dir)
+    if path is not None and path.is_file():
+        return read_cache(path)
+    encoded = encode_dataset(data, image_size, codec, progress=progress)
+    if path is not None:
+        meta = {"captions": json.dumps(encoded.captions), "stats": json.dumps(encoded.stats), "data": str(data),
+                "codec": json.dumps(codec.config()), "image_size": str(image_size)}
+        atomic_write_bytes(path, save({"latents": encoded.latents.contiguous()}, metadata=meta))
+        encoded.cache_path = path
+    return encoded
+
+
+def read_cache(path: Path) -> CaptionLatents:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    latents = load_file(str(path))["latents"]
+    return CaptionLatents(latents, json.loads(meta["captions"]), json.loads(meta["stats"]), path, from_cache=True)
+
+
+# --------------------------------------------------------------------------- example plans
+@dataclass(frozen=True)
+class Plan:
+    record: int
+    kind: str  # "caption_first" | "image_first" | "text"
+    drop_caption: bool = False
+    text_index: int = 0  # into the text-only documents, when kind == "text"
+
+
+class ExamplePlanner:
+    """Decides, for global sample position p, which record to use and how to lay it out.
+
+    Records are visited in a fresh permutation each epoch; the layout draws come from a
+    generator seeded by (seed, p), so any position can be planned without replaying the past.
+    """
+
+    def __init__(self, n_records: int, seed: int, image_first_ratio: float = 0.2, caption_dropout: float = 0.1,
+                 text_only_ratio: float = 0.0, n_texts: int = 0):
+        if n_records <= 0:
+            raise ValueError("no usable training records")
+        self.n, self.seed, self.n_texts = n_records, seed, n_texts
+        self.image_first_ratio, self.caption_dropout, self.text_only_ratio = image_first_ratio, caption_dropout, text_only_ratio
+
+    @lru_cache(maxsize=4)
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, _PLAN_SALT, epoch]).permutation(self.n)
+
+    def plan(self, position: int) -> Plan:
+        epoch, offset = divmod(position, self.n)
+        record = int(self.order(epoch)[offset])
+        u = np.random.default_rng([self.seed, _PLAN_SALT, 1 << 40, position]).random(4)
+        if u[0] < self.text_only_ratio:
+            return Plan(record, "text", text_index=int(u[3] * self.n_texts) if self.n_texts else record)
+        if u[1] < self.image_first_ratio:
+            return Plan(record, "image_first")
+        return Plan(record, "caption_first", drop_caption=bool(u[2] < self.caption_dropout))
+
+
+def read_text_documents(path: str) -> list[str]:
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"text_data file not found: {path}")
+    docs = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not docs:
+        raise ValueError(f"text_data file {path} holds no text")
+    return docs
+
+
+# --------------------------------------------------------------------------- batches
+class BatchSource:
+    """Builds the micro-batch for any range of global sample positions."""
+
+    def __init__(self, data: CaptionLatents, builder: SequenceBuilder, planner: ExamplePlanner, texts: list[str] | None = None):
+        self.data, self.builder, self.planner = data, builder, planner
+        self.texts = texts or []
+
+    def example(self, plan: Plan) -> tuple[Example, bool]:
+        """The laid-out example and whether it holds the record's image."""
+        caption = self.data.captions[plan.record]
+        if plan.kind == "text":
+            return self.builder.text_only(self.texts[plan.text_index] if self.texts else caption), False
+        if plan.kind == "image_first":
+            return self.builder.image_then_text(caption), True
+        return self.builder.text_then_image("" if plan.drop_caption else caption), True
+
+    def batch(self, positions) -> tuple[MultimodalBatch, list[Plan]]:
+        plans = [self.planner.plan(p) for p in positions]
+        examples, images = [], []
+        for plan in plans:
+            example, has_image = self.example(plan)
+            examples.append(example)
+            if has_image:
+                images.append(plan.record)
+        latents = self.data.latents[torch.tensor(images, dtype=torch.long)] if images else None
+        return self.builder.collate(examples, latents), plans
+
+
+def build_batch_source(data: CaptionLatents, model, config) -> BatchSource:
+    """Wire a dataset to the model's tokenizer and the config's mixing ratios."""
+    builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image,
+                              config.max_text_tokens)
+    texts = read_text_documents(config.text_data)
+    planner = ExamplePlanner(len(data), config.seed, config.image_first_ratio, config.caption_dropout,
+                             config.text_only_ratio, len(texts))
+    return BatchSource(data, builder, planner, texts)

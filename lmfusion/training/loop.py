@@ -1,0 +1,356 @@
+"""The training loop: text cross-entropy + lambda x diffusion MSE on the image modules only.
+
+One optimizer step sees `batch_size` examples in total, split into micro-batches of
+`micro_batch_size` per forward pass: chunk j of step s covers global sample positions
+[s*batch + j*micro, s*batch + (j+1)*micro) and draws its diffusion noise from a generator seeded
+by (seed, s, j). Rank r runs chunks r*accum ... r*accum + accum - 1. So 1 process with 2
+accumulation steps and 2 processes with 1 each compute the same chunks with the same noise, and
+a resumed run continues with exactly the chunks an uninterrupted one would have used.
+
+The loss is normalised over the GLOBAL step, as in Transfusion: per-token for text, per-image for
+diffusion. Each chunk contributes (its CE sum) / (text tokens in the whole step) + lambda x (its
+per-image MSE sum) / (images in the whole step); the counts are known before any forward pass,
+so they are all-reduced first, and the gradients are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..diffusion import per_image_mse, sample_timesteps
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, no_sync, shutdown, wrap_model
+
+
+# --------------------------------------------------------------------------- construction
+def build_codec(config: TrainConfig):
+    from ..codecs import load_codec
+
+    return load_codec(**config.codec)
+
+
+def build_model(config: TrainConfig, codec=None):
+    """The LMFusion model (seeded, so the fresh U-Net weights are reproducible) and its codec."""
+    from ..config import LMFusionConfig
+    from ..model.lmfusion import LMFusionModel
+
+    codec = codec or build_codec(config)
+    latent_channels, latent_size, _ = codec.latent_shape(config.image_size)
+    model_config = LMFusionConfig(
+        base_model=config.base_model, mode=config.mode, codec=codec.config(), image_size=config.image_size,
+        latent_channels=latent_channels, latent_size=latent_size, patch_size=config.patch_size, **config.model,
+    )
+    torch.manual_seed(config.seed)
+    model = LMFusionModel.from_text_model(config.base_model, model_config)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, codec
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (and conv kernels), never on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at max_steps (multiplier of lr)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    floor = config.min_lr / config.lr if config.lr else 0.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+
+
+# --------------------------------------------------------------------------- objective
+@dataclass
+class LossSums:
+    text: torch.Tensor  # summed token cross-entropy (with graph)
+    image: torch.Tensor  # summed per-image noise MSE (with graph)
+    text_tokens: int
+    images: int
+
+
+def loss_sums(forward, model, batch, generator: torch.Generator) -> LossSums:
+    """LMFusionModel.loss, but returning sums so the caller can normalise over several chunks/ranks.
+
+    Draws timesteps then noise from `generator` in the same order as model.loss, so
+    text/text_tokens + lambda * image/images equals model.loss(batch, generator).loss
+    (tests/training/test_loop.py checks it). `forward` is the (possibly DDP-wrapped) model.
+    """
+    wants, labels = batch.text_targets()
+    n_images = 0 if batch.latents is None else batch.latents.shape[0]
+    noisy = timesteps = noise = None
+    if n_images:
+        latents = batch.latents
+        timesteps = sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+    out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants)
+    zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=batch.input_ids.device)
+    text = nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum") if labels.numel() else zero
+    image = per_image_mse(out.noise_pred, noise).sum() if n_images else zero
+    return LossSums(text, image, int(labels.numel()), n_images)
+
+
+def chunk_seed(seed: int, step: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, 0xD1FF, step, chunk]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- one step
+@dataclass
+class StepPlan:
+    batch_size: int
+    micro: int
+    accum: int
+
+    def positions(self, step: int, chunk: int) -> range:
+        start = step * self.batch_size + chunk * self.micro
+        return range(start, start + self.micro)
+
+
+def train_step(step: int, wrapped, model, source: BatchSource, optimizer, scheduler, config: TrainConfig,
+               plan: StepPlan, info: DistInfo) -> dict:
+    chunks = [info.rank * plan.accum + a for a in range(plan.accum)]
+    batches = [source.batch(plan.positions(step, j))[0].to(info.device) for j in chunks]
+    local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens]
+                          for b in batches], dtype=torch.float64).sum(0)
+    n_text, n_images, n_tokens = all_reduce_sum(local, info).tolist()
+    weight = model.config.diffusion_loss_weight
+    sums = torch.zeros(2, dtype=torch.float64)
+    for index, (j, batch) in enumerate(zip(chunks, batches)):
+        generator = torch.Generator().manual_seed(chunk_seed(config.seed, step, j))
+        with no_sync(wrapped, skip=index < len(batches) - 1), autocast(config, info):
+            part = loss_sums(wrapped, model, batch, generator)
+            loss = part.text / max(n_text, 1) + weight * part.image / max(n_images, 1)
+        (loss * info.world_size).backward()  # DDP averages over ranks; we want the sum
+        sums += torch.stack([part.text.detach().double().cpu(), part.image.detach().double().cpu()])
+    text_sum, image_sum = all_reduce_sum(sums, info).tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    text_loss, image_loss = text_sum / max(n_text, 1), image_sum / max(n_images, 1)
+    return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
+            "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),
+            "tokens": int(n_tokens)}
+
+
+def autocast(config: TrainConfig, info: DistInfo):
+    return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+# --------------------------------------------------------------------------- the run
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train (or continue) the run `config.run_dir`; returns a summary (paths, final losses, timing)."""
+    info = init_distributed()
+    try:
+        return _train(config, info, resume, overwrite)
+    finally:
+        shutdown(info)
+
+
+def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
+    started = time.time()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    micro, accum = config.split_batch(info.world_size)
+    plan = StepPlan(config.batch_size, micro, accum)
+    if info.is_main:
+        ckpt.prepare_run_dir(config, resume, overwrite)
+        ensure_dataset(config)
+    barrier(info)
+    log = RunLog(config.run_dir, info.is_main)
+    try:
+        data, model, codec = _load_data_and_model(config, info)
+        log.data_stats(data)
+        source = build_batch_source(data, model, config)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config)
+        step = _maybe_resume(config, resume, model, optimizer, scheduler, log)
+        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.say(f"{trainable / 1e6:.1f}M trainable parameters; {info.world_size} process(es) x {accum} "
+                f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}")
+
+        history, first_step = [], step
+        progress = log.progress(config, step)
+        while step < config.max_steps:
+            tick = time.time()
+            metrics = train_step(step, wrapped, model, source, optimizer, scheduler, config, plan, info)
+            step += 1
+            metrics.update(step=step, step_time=time.time() - tick)
+            metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+            history.append(metrics)
+            log.step(metrics, progress, every=config.log_every)
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps:
+                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log)
+            if config.sample_every and step % config.sample_every == 0 and info.is_main:
+                write_samples(model, codec, data, config, step, log)
+        progress.close()
+    finally:
+        log.close()
+    latest = ckpt.latest_checkpoint(config.run_dir) if info.is_main else None
+    return {"run_dir": str(config.run_dir), "steps": step, "first_step": first_step,
+            "final": history[-1] if history else {}, "history": history, "wall_time": time.time() - started,
+            "train_time": sum(m["step_time"] for m in history), "checkpoint": str(latest or "")}
+
+
+def _load_data_and_model(config: TrainConfig, info: DistInfo):
+    """Latents first, so a bad dataset fails in seconds; rank 0 fills the cache, the others read it."""
+    codec = build_codec(config)
+    if info.is_main:
+        data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, config.progress)
+    barrier(info)
+    if not info.is_main:
+        data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, progress=False)
+    model, codec = build_model(config, codec)
+    model.to(info.device).train()
+    data.latents = data.latents.to(info.device)
+    return data, model, codec
+
+
+def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log) -> int:
+    """The step to start from: the latest checkpoint's with --resume (state restored), else 0."""
+    found = ckpt.latest_checkpoint(config.run_dir) if resume else None
+    if found is None:
+        if resume:
+            log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
+        return 0
+    step = ckpt.load_checkpoint(found, model, optimizer, scheduler)["step"]
+    log.say(f"resumed from {found} at step {step}")
+    if step > 0 and config.max_steps != json.loads((found / "trainer_state.json").read_text()).get("max_steps", config.max_steps):
+        log.say("note: max_steps changed since that checkpoint, so the cosine schedule is stretched from here on")
+    return step
+
+
+def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, scheduler, metrics: dict, n_records: int,
+          log) -> None:
+    """Rank 0 writes (every rank holds the same state); the others wait so no rank races ahead."""
+    if info.is_main:
+        state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
+                 "max_steps": config.max_steps, "world_size": info.world_size, "metrics": metrics}
+        path = ckpt.save_checkpoint(config.run_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
+        log.say(f"saved {path}")
+    barrier(info)
+
+
+# --------------------------------------------------------------------------- outputs
+class RunLog:
+    """Rank 0's outputs: console lines (through tqdm), train.log, metrics.jsonl and TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.writer = self.log_file = self.metrics_file = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.log_file = open(self.run_dir / "train.log", "a", encoding="utf-8")
+            self.metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+        self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self.log_file.flush()
+
+    def data_stats(self, data) -> None:
+        """Bad records were skipped by the data layer; say how many, here and in TensorBoard."""
+        origin = f"cached latents {data.cache_path}" if data.from_cache else "freshly encoded"
+        self.say(f"data: {len(data)} records ({origin}); {data.stats_summary()}")
+        if self.enabled:
+            skipped = data.stats.get("skipped", {})
+            self.writer.add_text("data/stats", data.stats_summary(), 0)
+            self.writer.add_scalar("data/records", len(data), 0)
+            self.writer.add_scalar("data/skipped", sum(skipped.values()), 0)
+            for reason, count in skipped.items():
+                self.writer.add_scalar(f"data/skipped_{reason}", count, 0)
+
+    def progress(self, config: TrainConfig, step: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
+                    disable=not (self.enabled and config.progress), dynamic_ncols=True)
+
+    def step(self, metrics: dict, bar, every: int) -> None:
+        if not self.enabled:
+            return
+        step = metrics["step"]
+        for key in ("loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "step_time"):
+            self.writer.add_scalar(f"train/{key}", metrics[key], step)
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", text=f"{metrics['text_loss']:.3f}",
+                        image=f"{metrics['image_loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        if step % every == 0:
+            self.say(f"step {step}: loss {metrics['loss']:.4f} text {metrics['text_loss']:.4f} image "
+                     f"{metrics['image_loss']:.4f} lr {metrics['lr']:.2e} grad {metrics['grad_norm']:.2f} "
+                     f"{metrics['tokens_per_s']:.0f} tok/s")
+
+    def close(self) -> None:
+        for handle in (self.writer, self.log_file, self.metrics_file):
+            if handle is not None:
+                handle.close()
+        self.writer = self.log_file = self.metrics_file = None
+
+
+def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLog) -> None:
+    """A grid of generated images for the sample prompts, and captions of a few training images.
+
+    Optional by design: the samplers live in lmfusion.sampling; if that is missing the run goes on.
+    """
+    try:
+        from ..sampling import caption, generate_image
+    except (ImportError, AttributeError) as error:
+        log.say(f"step {step}: samples skipped (lmfusion.sampling unavailable: {error})")
+        return
+    from ..data import make_grid, save_image_grid
+
+    was_training = model.training
+    model.eval()
+    try:
+        images = generate_image(model, list(config.sample_prompts), steps=config.sample_steps,
+                                guidance_scale=config.sample_cfg, seed=config.seed, output="tensor",
+                                progress=False, codec=codec)
+        pixels = codec.decode(data.latents[:4].to(model.device)).float().cpu()
+        captions = caption(model, pixels, codec=codec)
+    except Exception as error:  # a sampler bug must not kill a long run; the checkpoint is safe
+        log.say(f"step {step}: sample writing failed, training goes on: {type(error).__name__}: {error}")
+        return
+    finally:
+        model.train(was_training)
+    folder = log.run_dir / "samples"
+    grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
+    lines = [f"step {step}: generated ({config.sample_steps} steps, cfg {config.sample_cfg}), left to right:"]
+    lines += [f"  {p}" for p in config.sample_prompts]
+    lines += ["captions of training images (model | reference):"]
+    lines += [f"  {c!r} | {data.captions[i]!r}" for i, c in enumerate(captions)]
+    (folder / f"{ckpt.step_name(step)}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.writer.add_image("samples", make_grid(images, nrow=len(images)), step)
+    log.writer.add_text("samples/captions", "\n\n".join(lines), step)
+    log.say(f"step {step}: samples written to {grid}")

@@ -1,0 +1,92 @@
+"""TrainConfig: presets, YAML, flags, validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lmfusion.cli import main
+from lmfusion.training.config import PRESETS, TrainConfig, config_differences, load_config
+from lmfusion.training.loop import lr_factor
+
+from train_helpers import REPO
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3.0e-4\nmax_steps: 7\ncodec: {name: pixel}\nmodel: {unet_channels: 64}\n")
+    config = load_config(path=path, overrides={"max_steps": 9})
+    assert config.lr == 3e-4 and config.max_steps == 9 and config.model == {"unet_channels": 64}
+    layered = load_config("quickstart", path, {"batch_size": 2})
+    assert layered.name == "quickstart" and layered.max_steps == 7 and layered.batch_size == 2
+
+
+def test_unknown_and_bad_keys_are_clear_errors(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("lr_warmup: 10\n")
+    with pytest.raises(ValueError, match="lr_warmup"):
+        load_config(path=path)
+    with pytest.raises(ValueError, match="bogus"):
+        load_config(overrides={"bogus": 1})
+    with pytest.raises(ValueError, match="unet_chanels"):
+        load_config(overrides={"model": {"unet_chanels": 8}})
+    with pytest.raises(ValueError, match="patch_size"):  # has its own top-level key
+        load_config(overrides={"model": {"patch_size": 4}})
+    with pytest.raises(ValueError, match="lr must be a float"):
+        load_config(overrides={"lr": "fast"})
+    with pytest.raises(ValueError, match="max_steps must be a int"):
+        load_config(overrides={"max_steps": 1.5})
+    with pytest.raises(ValueError, match="precision"):
+        load_config(overrides={"precision": "fp16"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("nope")
+    with pytest.raises(FileNotFoundError):
+        load_config(path=tmp_path / "missing.yaml")
+
+
+def test_cli_flags_parse_as_yaml(capsys):
+    code = main(["train", "--preset", "quickstart", "--lr", "1e-3", "--codec", "{name: taef2, path: x}",
+                 "--gradient-checkpointing", "--sample-prompts", "a red circle", "no", "--name", "no", "--print-config"])
+    assert code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lr"] == 1e-3 and printed["codec"] == {"name": "taef2", "path": "x"}
+    assert printed["gradient_checkpointing"] is True and printed["name"] == "no"
+    assert printed["sample_prompts"] == ["a red circle", "no"]
+
+
+def test_cli_unknown_key_in_file_is_one_line_error(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("batchsize: 4\n")
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "batchsize" in err and len(err.splitlines()) == 1
+
+
+def test_quickstart_yaml_is_the_preset():
+    from_file = load_config(path=REPO / "configs" / "quickstart.yaml")
+    assert from_file == load_config("quickstart")
+    assert from_file.base_model == "smollm2-135m" and from_file.codec == {"name": "pixel"}
+    assert from_file.image_size == 64 and from_file.patch_size == 8
+
+
+def test_presets_are_valid_and_batches_split():
+    for name in PRESETS:
+        load_config(name)
+    config = TrainConfig(batch_size=8)
+    assert config.split_batch(1) == (8, 1) and config.split_batch(2) == (4, 1)
+    assert TrainConfig(batch_size=8, micro_batch_size=2).split_batch(2) == (2, 2)
+    with pytest.raises(ValueError, match="multiple"):
+        TrainConfig(batch_size=6, micro_batch_size=4).split_batch(1)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(60, config) == pytest.approx(0.55)
+    assert lr_factor(110, config) == pytest.approx(0.1) and lr_factor(500, config) == pytest.approx(0.1)
+
+
+def test_resume_differences_ignore_logging_knobs():
+    a = TrainConfig()
+    assert config_differences(a, a.replace(max_steps=5, log_every=1, sample_every=3)) == []
+    assert config_differences(a, a.replace(lr=1.0, seed=3)) == ["lr", "seed"]
