@@ -159,10 +159,8 @@ def test_mixin_puts_the_functions_on_the_model(peaky_base, pixel_codec):
     from lmfusion.sampling import SamplingMixin
     from lmfusion.testing import tiny_lmfusion_config
 
-    class Model(SamplingMixin, LMFusionModel):
-        pass
-
-    model = Model.from_text_model(str(peaky_base), tiny_lmfusion_config(str(peaky_base))).eval()
+    assert issubclass(LMFusionModel, SamplingMixin)
+    model = LMFusionModel.from_text_model(str(peaky_base), tiny_lmfusion_config(str(peaky_base))).eval()
     images = model.generate_image("a red circle", steps=1, seed=0, n=2, progress=False, codec=pixel_codec)
     assert len(images) == 2
     assert isinstance(model.caption(torch.rand(3, 16, 16), max_new_tokens=3, codec=pixel_codec), str)
