@@ -21,9 +21,10 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
+        for folder, _, files in os.walk(tmp):  # make the bytes durable before the rename publishes them
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as handle:
+                    os.fsync(handle.fileno())
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
