@@ -237,11 +237,12 @@ def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler
         if resume:
             log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
         return 0
-    step = ckpt.load_checkpoint(found, model, optimizer, scheduler)["step"]
-    log.say(f"resumed from {found} at step {step}")
-    if step > 0 and config.max_steps != json.loads((found / "trainer_state.json").read_text()).get("max_steps", config.max_steps):
-        log.say("note: max_steps changed since that checkpoint, so the cosine schedule is stretched from here on")
-    return step
+    state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+    log.say(f"resumed from {found} at step {state['step']}")
+    if state.get("max_steps", config.max_steps) != config.max_steps:
+        log.say(f"note: max_steps changed from {state['max_steps']} to {config.max_steps}: the cosine schedule "
+                "is stretched from here on, so this is not the run an uninterrupted job would have made")
+    return state["step"]
 
 
 def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, scheduler, metrics: dict, n_records: int,
