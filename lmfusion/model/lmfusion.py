@@ -35,6 +35,14 @@ WEIGHTS_FILE = "lmfusion_weights.safetensors"
 
 
 @dataclass
+class LossSums:
+    text: torch.Tensor  # summed token cross-entropy (with graph)
+    image: torch.Tensor  # summed per-image noise MSE (with graph)
+    text_tokens: int
+    images: int
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor  # text_loss + diffusion_loss_weight * image_loss
     text_loss: torch.Tensor
@@ -324,8 +332,14 @@ class LMFusionModel(SamplingMixin, nn.Module):
         return x_text, x_image
 
     # ------------------------------------------------------------------ training objective
-    def loss(self, batch: MultimodalBatch, generator: torch.Generator | None = None) -> LossOutput:
-        """Next-token cross-entropy on text + lambda x per-image noise MSE (Transfusion Eq. 4)."""
+    def loss_sums(self, batch: MultimodalBatch, generator: torch.Generator | None = None, forward=None) -> LossSums:
+        """Summed token cross-entropy and summed per-image noise MSE, with their counts.
+
+        Sums let a caller normalise over several micro-batches or ranks (the training loop);
+        `forward` may be a wrapped copy of this model (DDP). Timesteps, then noise, are drawn
+        from `generator`, so the same seed gives the same noise whoever calls.
+        """
+        forward = forward or self
         wants, labels = batch.text_targets()
         noisy = timesteps = noise = None
         n_images = 0 if batch.latents is None else batch.latents.shape[0]
@@ -334,14 +348,23 @@ class LMFusionModel(SamplingMixin, nn.Module):
             timesteps = sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        out = self(
-            batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants
-        )
+        out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants)
         zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=self.device)
-        text_loss = nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device)) if labels.numel() else zero
-        image_loss = per_image_mse(out.noise_pred, noise).mean() if n_images else zero
+        text = (
+            nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum")
+            if labels.numel()
+            else zero
+        )
+        image = per_image_mse(out.noise_pred, noise).sum() if n_images else zero
+        return LossSums(text, image, int(labels.numel()), n_images)
+
+    def loss(self, batch: MultimodalBatch, generator: torch.Generator | None = None) -> LossOutput:
+        """Next-token cross-entropy on text + lambda x per-image noise MSE (Transfusion Eq. 4)."""
+        sums = self.loss_sums(batch, generator)
+        text_loss = sums.text / max(sums.text_tokens, 1)
+        image_loss = sums.image / max(sums.images, 1)
         total = text_loss + self.config.diffusion_loss_weight * image_loss
-        return LossOutput(total, text_loss.detach(), image_loss.detach(), int(labels.numel()), n_images)
+        return LossOutput(total, text_loss.detach(), image_loss.detach(), sums.text_tokens, sums.images)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:

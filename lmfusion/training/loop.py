@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion import per_image_mse, sample_timesteps
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode
@@ -81,34 +80,10 @@ def build_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.
 
 
 # --------------------------------------------------------------------------- objective
-@dataclass
-class LossSums:
-    text: torch.Tensor  # summed token cross-entropy (with graph)
-    image: torch.Tensor  # summed per-image noise MSE (with graph)
-    text_tokens: int
-    images: int
-
-
-def loss_sums(forward, model, batch, generator: torch.Generator) -> LossSums:
-    """LMFusionModel.loss, but returning sums so the caller can normalise over several chunks/ranks.
-
-    Draws timesteps then noise from `generator` in the same order as model.loss, so
-    text/text_tokens + lambda * image/images equals model.loss(batch, generator).loss
-    (tests/training/test_loop.py checks it). `forward` is the (possibly DDP-wrapped) model.
-    """
-    wants, labels = batch.text_targets()
-    n_images = 0 if batch.latents is None else batch.latents.shape[0]
-    noisy = timesteps = noise = None
-    if n_images:
-        latents = batch.latents
-        timesteps = sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants)
-    zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=batch.input_ids.device)
-    text = nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum") if labels.numel() else zero
-    image = per_image_mse(out.noise_pred, noise).sum() if n_images else zero
-    return LossSums(text, image, int(labels.numel()), n_images)
+def loss_sums(forward, model, batch, generator: torch.Generator):
+    """The model's loss sums and counts (LMFusionModel.loss_sums) through `forward`, the
+    possibly DDP-wrapped model, so they can be normalised over several chunks and ranks."""
+    return model.loss_sums(batch, generator, forward=forward)
 
 
 def chunk_seed(seed: int, step: int, chunk: int) -> int:
