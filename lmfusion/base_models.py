@@ -12,12 +12,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .utils import publish_directory, staging_directory
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -48,23 +49,21 @@ def _materialise_smollm2() -> Path:
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename, so an interrupted conversion never leaves a
     # half-written folder that later loads would trust.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    staged = staging_directory(target)
     try:
         # save_pretrained refuses models loaded from GGUF (it treats them as quantized), but the
         # weights are already de-quantized to fp32: write config and tensors ourselves.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.save_pretrained(staged)
+        save_model(model, str(staged / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staged)
         if not (target / "config.json").exists():  # another process may have won the race
-            raise
+            publish_directory(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone already when published
     return target
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..utils import publish_directory, staging_directory
 from .images import BadImageError, load_rgb_image, to_pil, verify_image
 
 log = logging.getLogger(__name__)
@@ -447,8 +447,7 @@ class ImageFolderWriter:
             raise FileExistsError(f"{self.out_dir} exists and is not empty; "
                                   "pass overwrite=True (--overwrite) to replace it")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp",
-                                          dir=self.out_dir.parent))
+        self._tmp = staging_directory(self.out_dir)
         self._metadata: dict[str, IO[str]] = {}
         self.counts: Counter = Counter()
 
@@ -475,15 +474,7 @@ class ImageFolderWriter:
     def commit(self) -> Path:
         """Move the finished dataset into ``out_dir`` (replacing it if ``overwrite``)."""
         self._close()
-        os.chmod(self._tmp, 0o755)  # mkdtemp makes it private; a dataset should be readable
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.rename(self.out_dir, old)
-        os.rename(self._tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out_dir
+        return publish_directory(self._tmp, self.out_dir)
 
     def abort(self) -> None:
         self._close()

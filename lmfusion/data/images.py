@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -19,6 +18,8 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..utils import atomic_write_bytes
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
@@ -236,15 +237,7 @@ def save_image_grid(images: torch.Tensor | Sequence[torch.Tensor], path: str | o
     Atomic so that a viewer or a concurrent evaluation never reads a half-written file.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    picture = to_pil(make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value))
-    # A unique sibling name (not mkstemp, whose 0600 mode would leak into the result).
-    tmp_path = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp_path, "xb") as stream:
-            picture.save(stream, format="PNG")
-        os.replace(tmp_path, target)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    to_pil(make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)).save(buffer, format="PNG")
+    atomic_write_bytes(target, buffer.getvalue())
     return target

@@ -19,18 +19,16 @@ a resume would trust. Everything is safetensors or JSON: loading a checkpoint ca
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..utils import atomic_write_bytes
+from ..utils import atomic_directory, atomic_write_bytes, recover_aside
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -113,7 +111,7 @@ def prepare_run_dir(config, resume: bool, overwrite: bool) -> Path:
                              "(or start a new run with another --name)")
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_partial(run_dir)
-    write_text_atomic(saved, config.to_yaml())
+    atomic_write_bytes(saved, config.to_yaml().encode())
     return run_dir
 
 
@@ -168,9 +166,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     """Write checkpoint `step` atomically, point `latest` at it, then drop all but the newest `keep`."""
     run_dir = Path(run_dir)
     target = run_dir / CHECKPOINTS / step_name(step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    # Re-saving a step that exists (after a resume) replaces it the same atomic way.
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -179,14 +176,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
         _write_json(tmp / "trainer_state.json", state)  # written last: its presence marks completeness
-        _fsync_tree(tmp)
-        if target.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_text_atomic(run_dir / LATEST, f"{target.name}\n")
+    atomic_write_bytes(run_dir / LATEST, f"{target.name}\n".encode())
     prune_checkpoints(run_dir, keep)
     return target
 
@@ -219,32 +209,13 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def remove_partial(run_dir: str | Path) -> int:
-    """Delete temporary folders left by a process killed mid-save; returns how many."""
-    folder = Path(run_dir) / CHECKPOINTS
-    stale = [p for p in folder.glob(".step_*.tmp-*")] if folder.is_dir() else []
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(stale)
+    """Clean up after a process killed mid-save; returns how many leftovers were handled.
+
+    Half-written checkpoints are deleted; a checkpoint caught between the two renames of a
+    re-save is put back, so no saved step is ever lost.
+    """
+    return recover_aside(Path(run_dir) / CHECKPOINTS, "step_*")
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    """Make every file durable before the rename publishes the folder; give it normal permissions.
-
-    (mkdtemp/mkstemp create private 0700/0600 entries; a checkpoint should be as readable as any
-    file the user writes, e.g. by an evaluation job running as another user.)
-    """
-    for dirpath, _, files in os.walk(root):
-        os.chmod(dirpath, 0o755)
-        for name in files:
-            os.chmod(Path(dirpath) / name, 0o644)
-            with open(Path(dirpath) / name, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-    os.chmod(path, 0o644)

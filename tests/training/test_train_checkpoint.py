@@ -76,6 +76,28 @@ def test_killed_save_is_ignored_and_cleaned(parts, tmp_path):
     assert ckpt.remove_partial(run) == 1 and not stale.exists()
 
 
+def test_resave_killed_between_renames_keeps_the_step(parts, tmp_path):
+    """Re-saving a step moves the old copy aside first; a crash right then must not lose it."""
+    config, model, optimizer, scheduler = parts
+    run = tmp_path / "run"
+    saved = ckpt.save_checkpoint(run, 1, model, optimizer, scheduler, {}, keep=3)
+    aside = run / "checkpoints" / ".step_000001.old-12345"  # where publish_directory parks it
+    saved.rename(aside)
+    assert ckpt.latest_checkpoint(run) is None
+    assert ckpt.remove_partial(run) == 1
+    assert ckpt.latest_checkpoint(run) == saved and not aside.exists()
+
+
+def test_checkpoint_files_are_not_private(parts, tmp_path):
+    """Temporary folders are created 0700/0600; the published checkpoint follows the umask."""
+    config, model, optimizer, scheduler = parts
+    run = tmp_path / "run"
+    saved = ckpt.save_checkpoint(run, 1, model, optimizer, scheduler, {}, keep=3)
+    for path in [saved, *saved.rglob("*"), run / "latest"]:
+        mode = path.stat().st_mode
+        assert mode & 0o044 == 0o044, f"{path} is not readable by group/others: {oct(mode)}"
+
+
 def test_state_round_trips_exactly(parts, tmp_path, make_config):
     config, model, optimizer, scheduler = parts
     torch.manual_seed(123)
