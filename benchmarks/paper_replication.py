@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from lmfusion.config import TINY_UNET
 from lmfusion.evaluation.evaluate import EvalSettings, evaluate_checkpoint, load_report, weights_fingerprint
 from lmfusion.evaluation.feature_net import FeatureNetRecipe
 from lmfusion.evaluation.flops import run_step_flops
@@ -53,7 +54,7 @@ REAL = dict(
 SMOKE = dict(
     base_model=None, image_size=16, patch_size=8, batch_size=4, steps=3, lr=1e-3, min_lr=1e-4,
     warmup_steps=1, images=160, eval_n=6, eval_steps=2, flop_sample_steps=1,
-    model=dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32),
+    model=dict(TINY_UNET),
     recipe=FeatureNetRecipe(epochs=3, max_train_images=200),
 )
 

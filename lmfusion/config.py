@@ -14,6 +14,9 @@ from pathlib import Path
 #   scratch   same architecture as lmfusion, random init, everything trained (Transfusion baseline)
 MODES = ("lmfusion", "ffn_only", "dense", "scratch")
 
+# A U-Net small enough for tests and smoke runs (seconds on a CPU); the one place these live.
+TINY_UNET = dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32)
+
 
 @dataclass
 class LMFusionConfig:

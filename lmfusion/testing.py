@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .config import LMFusionConfig
+from .config import TINY_UNET, LMFusionConfig
 
 _CORPUS = [
     "a small red circle above a large blue square",
@@ -59,9 +59,7 @@ def tiny_lmfusion_config(base_model: str = "tiny", **overrides) -> LMFusionConfi
         latent_channels=3,
         latent_size=16,
         patch_size=8,
-        unet_channels=32,
-        unet_norm_groups=8,
-        time_embed_dim=32,
+        **TINY_UNET,
     )
     values.update(overrides)
     return LMFusionConfig(**values)

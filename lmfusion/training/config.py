@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import LMFusionConfig
+from ..config import TINY_UNET, LMFusionConfig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -208,7 +208,7 @@ PRESETS: dict[str, dict] = {
         name="tiny",
         image_size=16,
         patch_size=8,
-        model=dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32),
+        model=dict(TINY_UNET),
         batch_size=4,
         max_steps=20,
         warmup_steps=2,
