@@ -149,10 +149,36 @@ def load_or_encode(data: str, image_size: int, codec, cache_dir: str = "", progr
     encoded = encode_dataset(data, image_size, codec, progress=progress)
     if path is not None:
         meta = {"captions": json.dumps(encoded.captions), "stats": json.dumps(encoded.stats), "data": str(data),
-                "codec": json.dumps(codec.config()), "image_size": str(image_size)}
+                "codec": json.dumps(codec.config()), "image_size": str(image_size),
+                "probe": codec_fingerprint(codec, image_size)}
         atomic_write_bytes(path, save({"latents": encoded.latents.contiguous()}, metadata=meta))
         encoded.cache_path = path
+        drop_superseded(path, meta)
     return encoded
+
+
+def drop_superseded(path: Path, meta: dict[str, str]) -> list[Path]:
+    """Delete the cache files that `path` replaces: same data path, size and codec, older data.
+
+    Without this every edit of a dataset would leave a full copy of its old latents behind.
+    Files of another codec or size stay: a later run may still use them.
+    """
+    from safetensors import safe_open
+
+    same = ("data", "codec", "image_size", "probe")
+    removed = []
+    for other in path.parent.glob(f"{path.stem.rsplit('-', 1)[0]}-*.safetensors"):
+        if other == path:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as handle:
+                old = handle.metadata() or {}
+        except Exception:  # not a readable cache file: not ours to delete
+            continue
+        if all(old.get(key) == meta[key] for key in same):
+            other.unlink(missing_ok=True)
+            removed.append(other)
+    return removed
 
 
 def read_cache(path: Path) -> CaptionLatents:

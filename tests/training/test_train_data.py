@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -102,6 +104,21 @@ def test_latent_cache_is_reused_and_keyed_by_dataset_and_codec(shapes, tmp_path)
     assert off.calls > 0 and len(list(tmp_path.glob("*.safetensors"))) == 3
 
 
+def test_editing_the_data_replaces_its_latent_cache(shapes, tmp_path):
+    """A changed dataset gets a new cache file and the old one goes; other codecs' files stay."""
+    own, cache = tmp_path / "own", tmp_path / "cache"
+    shutil.copytree(shapes, own)
+    before = load_or_encode(str(own), 16, CountingCodec(), str(cache))
+    other_codec = load_or_encode(str(own), 16, CountingCodec("b"), str(cache))
+    image = sorted(own.glob("*.png"))[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    edited = load_or_encode(str(own), 16, CountingCodec(), str(cache))
+    assert not edited.from_cache and edited.cache_path != before.cache_path
+    assert not before.cache_path.exists() and other_codec.cache_path.exists()
+    assert sorted(cache.glob("*.safetensors")) == sorted([edited.cache_path, other_codec.cache_path])
+
+
 def _imagefolder(root, rows):
     root.mkdir()
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -109,8 +126,6 @@ def _imagefolder(root, rows):
 
 
 def test_bad_records_are_counted_and_an_empty_dataset_is_a_clear_error(shapes, tmp_path):
-    import shutil
-
     good = sorted(p.name for p in shapes.glob("*.png"))[:2]
     root = _imagefolder(tmp_path / "mixed", [
         {"file_name": good[0], "text": "a red circle"}, {"file_name": good[1], "text": "  "},
