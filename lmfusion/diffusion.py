@@ -21,14 +21,21 @@ def training_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "sq
     )
 
 
-def sampling_scheduler(name: str, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2") -> SchedulerMixin:
-    """A diffusers scheduler for sampling, built from the training schedule's config."""
+def sampling_scheduler(name: str, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                       clip: float | None = None) -> SchedulerMixin:
+    """A diffusers scheduler for sampling, built from the training schedule's config.
+
+    clip: clamp each step's estimate of the clean latent to [-clip, clip] (diffusers'
+    clip_sample); None leaves it free.
+    """
     if name in ("flow", "flow_match"):
         raise ValueError("flow-matching sampling needs a flow-matching-trained model; use ddpm or ddim")
     if name not in SAMPLERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SAMPLERS)}")
     base = training_scheduler(num_train_timesteps, beta_schedule)
-    return SAMPLERS[name].from_config(base.config)
+    if clip is None:
+        return SAMPLERS[name].from_config(base.config)
+    return SAMPLERS[name].from_config(base.config, clip_sample=True, clip_sample_range=clip)
 
 
 def sample_timesteps(

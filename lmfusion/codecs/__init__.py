@@ -7,7 +7,7 @@
 from .base import ImageCodec
 from .diffusers_vae import DiffusersVAECodec
 from .pixel import PixelCodec
-from .registry import CODEC_NAMES, load_codec
+from .registry import CODEC_NAMES, latent_clip, load_codec
 from .taef2 import TAEF2Codec
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "ImageCodec",
     "PixelCodec",
     "TAEF2Codec",
+    "latent_clip",
     "load_codec",
 ]

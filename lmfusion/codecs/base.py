@@ -40,6 +40,10 @@ class ImageCodec(nn.Module):
     latent_channels: int
     downsample_factor: int
     name: str
+    # Clean latents lie in [-latent_clip, latent_clip] (None: no known bound). Samplers clip their
+    # estimate of the clean latent to it, as DDPM does in pixel space: an undertrained model's
+    # estimates at high noise are far off, and unclipped they compound over the steps.
+    latent_clip: float | None = None
 
     # ------------------------------------------------------------------ public API
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ class PixelCodec(ImageCodec):
     name = "pixel"
     latent_channels = 3
     downsample_factor = 1
+    latent_clip = 1.0
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,7 +10,15 @@ from .diffusers_vae import DiffusersVAECodec
 from .pixel import PixelCodec
 from .taef2 import TAEF2Codec
 
-CODEC_NAMES = ("pixel", "taef2", "diffusers")
+CODEC_CLASSES: dict[str, type[ImageCodec]] = {"pixel": PixelCodec, "taef2": TAEF2Codec, "diffusers": DiffusersVAECodec}
+CODEC_NAMES = tuple(CODEC_CLASSES)
+
+
+def latent_clip(name: str) -> float | None:
+    """The bound of the named codec's clean latents (see ImageCodec.latent_clip), without loading it."""
+    if name not in CODEC_CLASSES:
+        raise ValueError(f"unknown codec {name!r}; valid names: {', '.join(CODEC_NAMES)}")
+    return CODEC_CLASSES[name].latent_clip
 
 
 def load_codec(name: str = "pixel", *, path: str | os.PathLike[str] | None = None,

@@ -15,6 +15,7 @@ from weakref import WeakKeyDictionary
 import torch
 from tqdm.auto import tqdm
 
+from ..codecs.registry import latent_clip
 from ..diffusion import sampling_scheduler
 from .text import Context, encode_text, max_positions
 
@@ -131,7 +132,8 @@ def denoise(
     """
     config = model.config
     n = len(generators)
-    sampler = sampling_scheduler(scheduler, config.num_train_timesteps, config.beta_schedule)
+    clip = latent_clip(config.codec["name"])
+    sampler = sampling_scheduler(scheduler, config.num_train_timesteps, config.beta_schedule, clip)
     sampler.set_timesteps(steps)
     shape = (1, config.latent_channels, config.latent_size, config.latent_size)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * sampler.init_noise_sigma
