@@ -207,7 +207,7 @@ def summary_line(result: dict) -> str:
         f"mode={result['mode']}",
         f"ppl base {text['base_ppl']:.3f} model {text['model_ppl']:.3f}",
         f"max|dlogit| {text['max_abs_logit_diff']:.3g}",
-        f"CIDEr {und['cider']:.1f}",
+        f"CIDEr {und['cider']:.1f} (blind {und['blind_cider']:.1f})",
         f"exact {und['exact_match']:.3f}",
         f"FID {gen['fid']:.2f}",
     ]

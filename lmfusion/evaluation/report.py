@@ -66,11 +66,15 @@ def _text_section(text: dict) -> list[str]:
 
 def _understanding_section(und: dict, captions: Sequence[str], references: Sequence[str]) -> list[str]:
     lines = ["## Image understanding (captioning)", ""]
-    header, row = ["n", "CIDEr (x100)", "exact match"], [und["n"], und["cider"], und["exact_match"]]
+    header = ["n", "CIDEr (x100)", "blind CIDEr", "distinct captions", "exact match"]
+    row = [und["n"], und["cider"], und["blind_cider"], und["distinct_captions"], und["exact_match"]]
     if "scene" in und:
         header += ["shape", "colour", "size", "position", "all correct", "parsed"]
         row += [und["scene"][k] for k in ("shape", "colour", "size", "position", "all_correct", "parsed")]
-    lines += _table(header, [row]) + ["", "First test images (same order as `real.png`, left to right, top to bottom):", ""]
+    blind_note = ("Blind CIDEr: the best single test caption said for every image; a CIDEr at or below it shows no "
+                  "use of the image.")
+    first_rows = "First test images (same order as `real.png`, left to right, top to bottom):"
+    lines += _table(header, [row]) + ["", blind_note, "", first_rows, ""]
     scores = und.get("per_image_cider", [])
     rows = [[i, _escape(r), _escape(c), scores[i] if i < len(scores) else ""]
             for i, (r, c) in enumerate(zip(references[:CAPTION_ROWS], captions[:CAPTION_ROWS]))]

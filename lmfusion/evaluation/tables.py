@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_write_bytes
+from .understanding import blind_cider
 
 LABELS = {
     "scratch": "Transfusion-style (from scratch)",
@@ -38,7 +39,11 @@ def _metrics(run: dict) -> dict[str, Any]:
     ev = run["eval"]
     gen, und, text = ev["generation"], ev["understanding"], ev["text"]
     oracle = gen.get("oracle", {})
+    captions = [s["caption"] for s in und.get("samples", [])]
+    references = [s["reference"] for s in und.get("samples", [])]
     return {
+        "distinct": len(set(captions)) if captions else None,
+        "blind_cider": blind_cider(references) if references else None,
         "ppl": text["model_ppl"], "base_ppl": text["base_ppl"], "dlogit": text["max_abs_logit_diff"],
         "cider": und["cider"], "exact": und["exact_match"], "scene_all": und.get("scene", {}).get("all_correct"),
         "fid": gen["fid"], "fid_floor": gen.get("fid_real_vs_real"), "oracle": oracle,
@@ -48,16 +53,16 @@ def _metrics(run: dict) -> dict[str, Any]:
 
 def table1(runs: list[dict], budget: float) -> list[str]:
     header = ["Model", "Trainable params", "Steps", "Train FLOPs", "Rel. FLOPs", "Text ppl ↓", "max abs Δlogit",
-              "CIDEr ↑", "Caption exact ↑", "FID ↓", "Oracle all-correct ↑"]
+              "CIDEr ↑", "Distinct captions", "Caption exact ↑", "FID ↓", "Oracle all-correct ↑"]
     lines = [_row(header), "|" + "---|" * len(header)]
     first = _metrics(runs[0])
-    lines.append(_row(["Base LM (text only)", "–", "–", "–", "–", _num(first["base_ppl"]), "–", "–", "–", "–", "–"]))
+    lines.append(_row(["Base LM (text only)", "–", "–", "–", "–", _num(first["base_ppl"]), "–", "–", "–", "–", "–", "–"]))
     for run in sorted(runs, key=lambda r: list(LABELS).index(r["mode"])):
         m = _metrics(run)
         lines.append(_row([
             LABELS[run["mode"]], _num(m["trainable"]), _num(run["steps"]), _num(float(run["train_flops"])),
             _num(run["train_flops"] / budget), _num(m["ppl"]), _num(m["dlogit"], 3), _num(m["cider"], 1),
-            _num(m["exact"], 3), _num(m["fid"]), _num(m["oracle_all"], 3),
+            f"{_num(m['distinct'])} / {_num(run['eval']['understanding']['n'])}", _num(m["exact"], 3), _num(m["fid"]), _num(m["oracle_all"], 3),
         ]))
     return lines
 
@@ -97,19 +102,26 @@ def claims(runs: list[dict]) -> list[str]:
             return None
         return "tie" if x == y else (x < y if lower else x > y)
 
+    def better_cider(a, b):
+        blind = get(a, "blind_cider")
+        if blind is not None and get(a, "cider") is not None and get(b, "cider") is not None \
+                and max(get(a, "cider"), get(b, "cider")) <= blind:
+            return f"untested: neither beats a blind captioner ({_num(blind, 1)})"
+        return better(a, b, "cider")
+
     rows = [
         ("Frozen text path: text ability unchanged (Table 1: identical text scores)",
          f"Δlogit {_num(get('lmfusion', 'dlogit'), 3)}, ppl {_num(get('lmfusion', 'ppl'))} vs base {_num(get('lmfusion', 'base_ppl'))}",
          None if "lmfusion" not in m else get("lmfusion", "dlogit") == 0.0),
         ("LMFusion understands images better than Transfusion at equal FLOPs (CIDEr 38.4 vs 32.0)",
-         f"CIDEr {_num(get('lmfusion', 'cider'), 1)} vs {_num(get('scratch', 'cider'), 1)}", better("lmfusion", "scratch", "cider")),
+         f"CIDEr {_num(get('lmfusion', 'cider'), 1)} vs {_num(get('scratch', 'cider'), 1)}", better_cider("lmfusion", "scratch")),
         ("LMFusion generates images at least as well (FID 14.0 vs 14.4, no CFG)",
          f"FID {_num(get('lmfusion', 'fid'))} vs {_num(get('scratch', 'fid'))}", better("lmfusion", "scratch", "fid", lower=True)),
         ("Dense fine-tuning degrades text (§5.1: ~7% persistent HellaSwag gap)",
          f"dense ppl {_num(get('dense', 'ppl'))} vs base {_num(get('dense', 'base_ppl'))}",
          None if "dense" not in m else get("dense", "ppl") > get("dense", "base_ppl")),
         ("Deep > shallow separation on understanding (text frozen)",
-         f"CIDEr {_num(get('lmfusion', 'cider'), 1)} vs {_num(get('ffn_only', 'cider'), 1)}", better("lmfusion", "ffn_only", "cider")),
+         f"CIDEr {_num(get('lmfusion', 'cider'), 1)} vs {_num(get('ffn_only', 'cider'), 1)}", better_cider("lmfusion", "ffn_only")),
         ("Deep > shallow separation on generation, by a wider margin",
          f"FID {_num(get('lmfusion', 'fid'))} vs {_num(get('ffn_only', 'fid'))}", better("lmfusion", "ffn_only", "fid", lower=True)),
     ]
@@ -121,6 +133,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
     s = meta["settings"]
     floor = next((_metrics(r)["fid_floor"] for r in runs if _metrics(r)["fid_floor"] is not None), None)
     ceiling = runs[0]["eval"]["generation"].get("oracle_on_real", {}).get("all_correct")
+    blind = _metrics(runs[0])["blind_cider"]
     title = "Paper replication (SMOKE: tiny random base model, meaningless numbers)" if meta["smoke"] else "Paper replication"
     lines = [
         f"# {title}", "",
@@ -133,6 +146,8 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         f"LMFusion {s['steps']} steps = budget {meta['budget_flops']:.3e} FLOPs (measured; see lmfusion/evaluation/flops.py). "
         f"Evaluation: {s['eval_n']} test images / captions, {s['eval_steps']} DDIM steps, no CFG, one seed.", "",
         "## Table 1 at small scale", "", *table1(runs, meta["budget_flops"]), "",
+        f"Blind-captioner CIDEr (the best single test caption said for every image): {_num(blind, 1)}; "
+        "a CIDEr at or below it shows no use of the image. "
         f"FID uses the project's shapes feature net (not Inception); real-vs-real FID at this n: {_num(floor)}. "
         f"Oracle all-correct on the real test images (its ceiling at this resolution): {_num(ceiling, 3)}.", "",
         "## Ablation (paper §5.1): how much of each layer is per modality", "", *ablation(runs), "",

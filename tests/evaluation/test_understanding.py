@@ -2,7 +2,8 @@
 
 import pytest
 
-from lmfusion.evaluation.understanding import caption_metrics, caption_scene_scores
+from lmfusion.evaluation.cider import cider_d
+from lmfusion.evaluation.understanding import blind_cider, caption_metrics, caption_scene_scores
 
 PAIR = [{"shape": "circle", "colour": "red", "size": "small", "x": 0.5, "y": 0.2},
         {"shape": "square", "colour": "blue", "size": "large", "x": 0.5, "y": 0.8}]
@@ -50,3 +51,16 @@ def test_caption_metrics_combines_cider_exact_and_scene():
     assert perfect["cider"] > 0 and len(perfect["per_image_cider"]) == 2
     half = caption_metrics(["nonsense", references[1]], references, metas)
     assert half["exact_match"] == 0.5 and half["scene"]["all_correct"] == 0.5
+
+
+def test_blind_captioner_is_the_best_constant_caption_and_a_reader_beats_it():
+    references = ["a small red circle on the left", "a small red circle on the right", "a large blue square on the left",
+                  "a small green triangle at the top", "a large red circle at the bottom"]
+    blind = blind_cider(references)
+    constants = [cider_d([c] * len(references), [[r] for r in references])[0] * 100 for c in references]
+    assert blind == pytest.approx(max(constants)) and blind > 0
+    reader = caption_metrics(references, references, [])
+    collapsed = caption_metrics([references[0]] * len(references), references, [])
+    assert reader["cider"] > blind >= collapsed["cider"]
+    assert reader["distinct_captions"] == 5 and collapsed["distinct_captions"] == 1
+    assert reader["blind_cider"] == pytest.approx(blind)
