@@ -16,7 +16,9 @@ lmfusion.evaluation (text perplexity and exact-logit check, CIDEr, FID, oracle a
 
 Everything is resumable: the data, FLOP measurements, training runs (lmfusion train --resume)
 and finished evaluations under --work are reused; run the same command again after an
-interruption. Results: benchmarks/results/paper_replication[_smoke].{md,json}.
+interruption. Results: benchmarks/results/paper_replication[_smoke][_TAG].{md,json}. A second
+budget gets its own --tag (e.g. `--steps 400 --tag 2x`), so neither run's folders nor results
+overwrite the other's.
 """
 
 from __future__ import annotations
@@ -62,14 +64,18 @@ SMOKE = dict(
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny offline base model and a few steps (pipeline check)")
-    p.add_argument("--work", default=None, help="data, runs and caches (default runs/paper_replication[_smoke])")
+    p.add_argument("--tag", default="", help="names a second budget's work folder and results: paper_replication_TAG")
+    p.add_argument("--work", default=None, help="data, runs and caches (default runs/<results stem>)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
     p.add_argument("--steps", type=int, default=None, help="LMFusion's steps; sets the FLOP budget of every run")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--eval-n", type=int, default=None, help="test images captioned / captions generated per run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
+    return args
 
 
 def settings_for(args) -> dict:
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
     settings = settings_for(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work or ROOT / "runs" / ("paper_replication_smoke" if args.smoke else "paper_replication"))
+    stem = "_".join(["paper_replication", *(["smoke"] if args.smoke else []), *([args.tag] if args.tag else [])])
+    work = Path(args.work or ROOT / "runs" / stem)
     started = time.time()
     data = prepare_data(work, settings)
     base_model = base_model_for(work, settings)
@@ -219,7 +226,6 @@ def main(argv=None) -> int:
             "budget_flops": budget, "base_model": shown(base_model) if Path(base_model).exists() else base_model,
             "data": shown(data), "machine": machine(),
             "wall_seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    stem = "paper_replication_smoke" if args.smoke else "paper_replication"
     paths = write_results(Path(args.results), stem, meta, runs)
     print(f"[replication] wrote {paths[0]} and {paths[1]}", flush=True)
     return 0
