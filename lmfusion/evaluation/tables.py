@@ -56,13 +56,15 @@ def table1(runs: list[dict], budget: float) -> list[str]:
               "CIDEr ↑", "Distinct captions", "Caption exact ↑", "FID ↓", "Oracle all-correct ↑"]
     lines = [_row(header), "|" + "---|" * len(header)]
     first = _metrics(runs[0])
-    lines.append(_row(["Base LM (text only)", "–", "–", "–", "–", _num(first["base_ppl"]), "–", "–", "–", "–", "–", "–"]))
+    base_row = ["Base LM (text only)", "–", "–", "–", "–", _num(first["base_ppl"])]
+    lines.append(_row(base_row + ["–"] * (len(header) - len(base_row))))
     for run in sorted(runs, key=lambda r: list(LABELS).index(r["mode"])):
         m = _metrics(run)
         lines.append(_row([
             LABELS[run["mode"]], _num(m["trainable"]), _num(run["steps"]), _num(float(run["train_flops"])),
             _num(run["train_flops"] / budget), _num(m["ppl"]), _num(m["dlogit"], 3), _num(m["cider"], 1),
-            f"{_num(m['distinct'])} / {_num(run['eval']['understanding']['n'])}", _num(m["exact"], 3), _num(m["fid"]), _num(m["oracle_all"], 3),
+            f"{_num(m['distinct'])} / {_num(run['eval']['understanding']['n'])}", _num(m["exact"], 3),
+            _num(m["fid"]), _num(m["oracle_all"], 3),
         ]))
     return lines
 
