@@ -65,8 +65,25 @@ def test_cli_unknown_key_in_file_is_one_line_error(tmp_path, capsys):
 def test_quickstart_yaml_is_the_preset():
     from_file = load_config(path=REPO / "configs" / "quickstart.yaml")
     assert from_file == load_config("quickstart")
-    assert from_file.base_model == "smollm2-135m" and from_file.codec == {"name": "pixel"}
-    assert from_file.image_size == 64 and from_file.patch_size == 8
+    assert from_file.base_model == "smollm2-135m" and from_file.codec == {"name": "taef2"}  # shipped weights
+    assert from_file.image_size == 64 and from_file.patch_size == 2
+
+
+def test_fresh_modules_get_their_own_learning_rate(tiny_base):
+    """The U-Net blocks, timestep MLP and BOI/EOI rows train at lr x fresh_lr_scale."""
+    from lmfusion.model.lmfusion import LMFusionModel
+    from lmfusion.testing import tiny_lmfusion_config
+    from lmfusion.training.loop import build_optimizer
+
+    model = LMFusionModel.from_text_model(str(tiny_base), tiny_lmfusion_config(str(tiny_base)))
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, min_lr=1e-5, fresh_lr_scale=10))
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            want = 1e-3 if name.split(".")[0] in ("time_embed", "image_in", "image_out", "special_embed",
+                                                  "special_head") else 1e-4
+            assert lr_of[id(param)] == pytest.approx(want), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(model.trainable_parameters())
 
 
 def test_presets_are_valid_and_batches_split():
