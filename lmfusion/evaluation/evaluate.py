@@ -109,7 +109,7 @@ def evaluate_checkpoint(
     model = LMFusionModel.from_pretrained(model_dir, base_model=settings.base_model).to(device).eval()
     codec = get_codec(model)
     codec = codec.to(device) if hasattr(codec, "to") else codec
-    settings.scheduler = settings.scheduler or model.objective.default_sampler
+    sampler = settings.scheduler or model.objective.default_sampler  # settings stay as asked: reports compare them
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model": weights_fingerprint(model_dir),
@@ -117,6 +117,7 @@ def evaluate_checkpoint(
         "base_model": settings.base_model or model.config.base_model,
         "data": str(Path(data).resolve()),
         "settings": settings.to_dict(),
+        "sampler": sampler,
         "parameters": parameter_counts(model),
         "machine": machine_description(device),
     }
@@ -132,7 +133,7 @@ def evaluate_checkpoint(
         result["understanding"] = caption_metrics(captions, test.captions, test.metas)
         result["understanding"]["samples"] = [{"reference": r, "caption": c} for r, c in zip(test.captions, captions)]
     with timer("generation"):
-        report(f"[eval] generating {len(test)} images ({settings.steps} {settings.scheduler} steps, cfg {settings.guidance})")
+        report(f"[eval] generating {len(test)} images ({settings.steps} {sampler} steps, cfg {settings.guidance})")
         generated = generate_images(model, test.captions, settings.seed, settings.steps, settings.guidance,
                                     settings.scheduler, settings.batch_size, codec)
     with timer("image_metrics"):

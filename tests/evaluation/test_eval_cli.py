@@ -17,7 +17,8 @@ def test_eval_writes_a_complete_report(tiny_checkpoint, shapes_data, feature_cac
     assert understanding["n"] == 6 and len(understanding["samples"]) == 6
     assert {"cider", "exact_match", "scene"} <= understanding.keys()
     assert generation["n"] == 6 and generation["fid"] >= 0 and generation["fid_real_vs_real"] >= 0
-    assert set(generation["oracle"]) == {"shape", "colour", "size", "position", "count", "all_correct"}
+    assert set(generation["oracle"]) == {"shape", "colour", "size", "position", "count", "all_correct",
+                                         "white_background", "colour_on_white"}
     assert generation["feature_net"]["kind"] == "shapes"
     assert report["settings"]["n"] == 6 and report["machine"]["device"] == "cpu"
     page = (out / "report.md").read_text()
