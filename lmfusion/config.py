@@ -82,4 +82,13 @@ class LMFusionConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "LMFusionConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The saved config; a malformed or foreign file raises CheckpointError naming it."""
+        from .integrity import CheckpointError, read_json
+
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object of LMFusionConfig fields, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a valid LMFusion config ({error})") from None

@@ -22,6 +22,7 @@ from transformers.masking_utils import create_causal_mask
 from ..base_models import load_text_model, weights_hash
 from ..config import LMFusionConfig
 from ..diffusion import per_image_mse, sample_timesteps, training_scheduler
+from ..integrity import CheckpointError, read_safetensors, verify_manifest, write_manifest
 from ..sampling import SamplingMixin
 from ..utils import atomic_directory
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
@@ -153,17 +154,21 @@ class LMFusionModel(SamplingMixin, nn.Module):
         with atomic_directory(directory) as tmp:
             self.config.save(tmp / CONFIG_FILE)
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mode": self.config.mode})
+            write_manifest(tmp, editable=(CONFIG_FILE,))  # last: sizes and checksums of the weights
 
     @classmethod
     def from_pretrained(cls, directory, base_model: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionModel":
-        """Rebuild a saved model. `base_model` overrides where the base LM is loaded from."""
-        from pathlib import Path
+        """Rebuild a saved model. `base_model` overrides where the base LM is loaded from.
 
-        from safetensors.torch import load_file
+        A damaged or foreign file raises CheckpointError (a ValueError) naming that file; the
+        folder's manifest, where it has one, is verified before anything is loaded.
+        """
+        from pathlib import Path
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not an LMFusion checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        verify_manifest(directory)
         config = LMFusionConfig.load(directory / CONFIG_FILE)
         text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=dtype)
         found = None
@@ -175,15 +180,8 @@ class LMFusionModel(SamplingMixin, nn.Module):
                     f"checkpoint {directory} was trained on {str(config.base_model_hash)[:12]}...: wrong base model"
                 )
         model = cls(text_model, config, base_hash=found, tokenizer=tokenizer)
-        state = load_file(str(directory / WEIGHTS_FILE))
-        if config.text_frozen:
-            expected = set(model.adapter_state_dict())
-            if set(state) != expected:
-                missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-                raise ValueError(f"checkpoint weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            model.load_state_dict(state, strict=False)
-        else:
-            model.load_state_dict(state, strict=True)
+        state = read_safetensors(directory / WEIGHTS_FILE)
+        model.load_adapter_state(state, directory / WEIGHTS_FILE)
         return model.to(dtype)
 
     # ------------------------------------------------------------------ ids and embeddings
@@ -346,6 +344,20 @@ class LMFusionModel(SamplingMixin, nn.Module):
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source="the given state") -> None:
+        """Load what adapter_state_dict() saved; a mismatch (foreign or other-config file) raises
+        CheckpointError naming `source`."""
+        expected = self.adapter_state_dict()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise CheckpointError(f"{source}: weights do not match this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise CheckpointError(f"{source}: weights have other shapes than this model's, e.g. {wrong[0]} "
+                                  f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}")
+        self.load_state_dict(state, strict=not self.config.text_frozen)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the frozen base model (all weights in dense/scratch modes)."""

@@ -9,15 +9,19 @@
         optimizer.json                 param groups (lr, betas, ...)
         rng.safetensors                torch CPU (+ CUDA) generator states
         trainer_state.json             step, samples seen, scheduler, python/numpy RNG, metrics
+        manifest.json                  size and CRC-32 of every file above, written last
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and only then
 does `latest` (itself replaced atomically) point at it. A process killed at any instant
 therefore leaves either the previous checkpoint or the new one, never a half-written folder that
-a resume would trust. Everything is safetensors or JSON: loading a checkpoint cannot run code.
+a resume would trust. Damage after the fact (a truncated copy, a full disk, an edit by hand) is
+caught by the manifest: `--resume` verifies it and falls back, loudly, to the newest intact
+checkpoint. Everything is safetensors or JSON: loading a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -26,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..integrity import CheckpointError, read_json, read_safetensors, verify_manifest, write_manifest
 from ..utils import atomic_directory, atomic_write_bytes, recover_aside
 
 CHECKPOINTS = "checkpoints"
@@ -175,29 +180,67 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-        _write_json(tmp / "trainer_state.json", state)  # written last: its presence marks completeness
+        _write_json(tmp / "trainer_state.json", state)
+        write_manifest(tmp, editable=(MODEL_CONFIG,))  # last: sizes and checksums of everything above
     atomic_write_bytes(run_dir / LATEST, f"{target.name}\n".encode())
     prune_checkpoints(run_dir, keep)
     return target
 
 
 def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state."""
+    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state.
+
+    The manifest is verified first; a damaged or foreign file raises CheckpointError naming it.
+    """
     from ..model.lmfusion import WEIGHTS_FILE
 
     checkpoint = Path(checkpoint)
-    weights = load_file(str(checkpoint / MODEL_DIR / WEIGHTS_FILE))
-    expected = set(model.adapter_state_dict())
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(f"{checkpoint} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(weights, strict=False)
-    meta = json.loads((checkpoint / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_files(load_file(str(checkpoint / "optimizer.safetensors")), meta))
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(load_file(str(checkpoint / "rng.safetensors")), state["rng"])
+    verify_manifest(checkpoint)
+    weights = read_safetensors(checkpoint / MODEL_DIR / WEIGHTS_FILE)
+    state = read_json(checkpoint / "trainer_state.json")
+    meta = read_json(checkpoint / "optimizer.json")
+    opt_tensors = read_safetensors(checkpoint / "optimizer.safetensors")
+    rng_tensors = read_safetensors(checkpoint / "rng.safetensors")
+    model.load_adapter_state(weights, checkpoint / MODEL_DIR / WEIGHTS_FILE)
+    with _names_file(checkpoint / "optimizer.safetensors"):
+        optimizer.load_state_dict(optimizer_from_files(opt_tensors, meta))
+    with _names_file(checkpoint / "trainer_state.json"):
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(rng_tensors, state["rng"])
     return state
+
+
+def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=print) -> tuple[Path, dict] | None:
+    """Resume from `latest`, or, when it is damaged, from the newest checkpoint that is intact.
+
+    Each damaged checkpoint is reported through `say`, naming the file and the problem. Returns
+    None when the run has no checkpoint; raises CheckpointError when none of them is intact.
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [c for c in reversed(list_checkpoints(run_dir)) if c != newest]
+    problems = []
+    for candidate in candidates:
+        try:
+            return candidate, load_checkpoint(candidate, model, optimizer, scheduler)
+        except CheckpointError as error:
+            problems.append(str(error))
+            following = candidates[len(problems)] if len(problems) < len(candidates) else None
+            say(f"WARNING: checkpoint {candidate.name} is damaged: {error}; "
+                + (f"falling back to {following.name}" if following else "no older checkpoint is left"))
+    raise CheckpointError(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _names_file(path: Path):
+    """Re-raise a malformed entry (a missing key, a shape mismatch) as a CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: does not fit this run ({type(error).__name__}: {error})") from None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

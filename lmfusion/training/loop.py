@@ -207,12 +207,13 @@ def _load_data_and_model(config: TrainConfig, info: DistInfo):
 
 def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log) -> int:
     """The step to start from: the latest checkpoint's with --resume (state restored), else 0."""
-    found = ckpt.latest_checkpoint(config.run_dir) if resume else None
-    if found is None:
-        if resume:
-            log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
+    if not resume:
         return 0
-    state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+    loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say)
+    if loaded is None:
+        log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
+        return 0
+    found, state = loaded
     log.say(f"resumed from {found} at step {state['step']}")
     if state.get("max_steps", config.max_steps) != config.max_steps:
         log.say(f"note: max_steps changed from {state['max_steps']} to {config.max_steps}: the cosine schedule "
