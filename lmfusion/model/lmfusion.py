@@ -144,11 +144,14 @@ class LMFusionModel(SamplingMixin, nn.Module):
             text_model = text_model_or_path
         return cls(text_model, config, tokenizer=tokenizer)
 
-    def save_pretrained(self, directory) -> None:
-        """Write the config and the non-base weights; the folder appears complete or not at all."""
+    def save_pretrained(self, directory, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the config and the non-base weights; the folder appears complete or not at all.
+
+        `state` replaces adapter_state_dict() (a sharded trainer passes the gathered full tensors).
+        """
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous() for k, v in self.adapter_state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or self.adapter_state_dict()).items()}
         if not self.config.text_frozen:  # tied embeddings share storage: store the tie once
             state = {k: v.clone() for k, v in state.items()}
         with atomic_directory(directory) as tmp:

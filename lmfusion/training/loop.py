@@ -28,7 +28,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, no_sync, shutdown, wrap_model
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_gradients, init_distributed,
+                          is_sharded, local_numel, no_sync, shutdown, wrap_model)
 
 
 # --------------------------------------------------------------------------- construction
@@ -120,7 +121,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
         sums += torch.stack([part.text.detach().double().cpu(), part.image.detach().double().cpu()])
     text_sum, image_sum = all_reduce_sum(sums, info).tolist()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    grad_norm = clip_gradients(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
@@ -160,13 +161,16 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         data, model, codec = _load_data_and_model(config, info)
         log.data_stats(data)
         source = build_batch_source(data, model, config)
+        # Wrap first: FSDP replaces the parameters with shards, which the optimizer must hold.
+        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0, parallel=config.parallel)
+        sharded = is_sharded(model)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
-        step = _maybe_resume(config, resume, model, optimizer, scheduler, log)
-        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0)
+        step = _maybe_resume(config, resume, model, optimizer, scheduler, log, info, sharded)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.say(f"{trainable / 1e6:.1f}M trainable parameters; {info.world_size} process(es) x {accum} "
-                f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}")
+                f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}"
+                + ("; FSDP2 sharded" if sharded else ""))
 
         history, first_step = [], step
         progress = log.progress(config, step)
@@ -178,9 +182,12 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
             history.append(metrics)
             log.step(metrics, progress, every=config.log_every)
+            if step == first_step + 1:
+                log_shards(model, optimizer, info, log)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps:
-                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log)
-            if config.sample_every and step % config.sample_every == 0 and info.is_main:
+                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log, sharded)
+            # A sharded model's forward is collective: every rank samples, rank 0 writes.
+            if config.sample_every and step % config.sample_every == 0 and (info.is_main or sharded):
                 write_samples(model, codec, data, config, step, log)
         progress.close()
     finally:
@@ -205,11 +212,25 @@ def _load_data_and_model(config: TrainConfig, info: DistInfo):
     return data, model, codec
 
 
-def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log) -> int:
-    """The step to start from: the latest checkpoint's with --resume (state restored), else 0."""
+def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log, info: DistInfo,
+                  sharded: bool) -> int:
+    """The step to start from: the newest intact checkpoint's with --resume (state restored), else 0."""
     if not resume:
         return 0
-    loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say)
+    if sharded:  # rank 0 verifies and chooses, every rank loads its shards of that one
+        choice = None
+        if info.is_main:
+            try:
+                found = ckpt.find_intact_sharded(config.run_dir, info.world_size, say=log.say)
+                choice = ("ok", str(found) if found else None)
+            except ckpt.CheckpointError as error:
+                choice = ("error", str(error))
+        kind, value = broadcast_object(choice, info)
+        if kind == "error":
+            raise ckpt.CheckpointError(value)
+        loaded = None if value is None else (Path(value), ckpt.load_sharded_checkpoint(value, model, optimizer, scheduler))
+    else:
+        loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say)
     if loaded is None:
         log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
         return 0
@@ -222,14 +243,38 @@ def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler
 
 
 def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, scheduler, metrics: dict, n_records: int,
-          log) -> None:
-    """Rank 0 writes (every rank holds the same state); the others wait so no rank races ahead."""
+          log, sharded: bool) -> None:
+    """DDP: rank 0 writes (every rank holds the same state) and the others wait so no rank races
+    ahead. FSDP: every rank writes its shards (collective)."""
+    state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
+             "max_steps": config.max_steps, "world_size": info.world_size, "parallel": config.parallel,
+             "metrics": metrics}
+    if sharded:
+        path = ckpt.save_sharded_checkpoint(config.run_dir, step, model, optimizer, scheduler, state,
+                                            config.keep_checkpoints, info)
+        log.say(f"saved {path}")
+        return
     if info.is_main:
-        state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
-                 "max_steps": config.max_steps, "world_size": info.world_size, "metrics": metrics}
         path = ckpt.save_checkpoint(config.run_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
         log.say(f"saved {path}")
     barrier(info)
+
+
+def log_shards(model, optimizer, info: DistInfo, log) -> None:
+    """How many trainable weights and AdamW elements each rank stores (its local shards under FSDP),
+    measured after the first step, when AdamW's state exists."""
+    if not info.enabled:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    moments = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.ndim]
+    local = torch.zeros(info.world_size, 3, dtype=torch.float64)
+    local[info.rank] = torch.tensor([local_numel(params), local_numel(moments), local_numel(frozen)], dtype=torch.float64)
+    counts = all_reduce_sum(local, info).long().tolist()
+    log.say("per-rank shards: " + json.dumps({
+        "trainable_total": sum(p.numel() for p in params), "trainable": [c[0] for c in counts],
+        "optimizer": [c[1] for c in counts], "frozen_total": sum(p.numel() for p in frozen),
+        "frozen": [c[2] for c in counts]}))
 
 
 # --------------------------------------------------------------------------- outputs
@@ -321,6 +366,8 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
         return
     finally:
         model.train(was_training)
+    if not log.enabled:  # a non-writing rank of a sharded run only took part in the forward passes
+        return
     folder = log.run_dir / "samples"
     grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
     lines = [f"step {step}: generated ({config.sample_steps} steps, cfg {config.sample_cfg}), left to right:"]
