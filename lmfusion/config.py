@@ -29,8 +29,11 @@ class LMFusionConfig:
     # Image path: codec latents -> U-Net down block -> patches; patches -> up block -> noise.
     codec: dict = field(default_factory=lambda: {"name": "pixel"})
     image_size: int = 64
-    latent_channels: int = 3
-    latent_size: int = 64
+    # The latent shape follows from the codec and image_size (pixel: 3 x image_size; taef2: 32 x
+    # image_size / 8); None derives it. A diffusers VAE's shape is known once it is loaded, so
+    # there both must be given (lmfusion.training.build_model takes them from the loaded codec).
+    latent_channels: int | None = None
+    latent_size: int | None = None
     patch_size: int = 8  # latent cells per patch side; the down block downsamples by this factor
     unet_channels: int = 128
     unet_norm_groups: int = 32
@@ -49,10 +52,34 @@ class LMFusionConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.image_init not in ("text", "random"):
             raise ValueError(f"image_init must be 'text' or 'random', got {self.image_init!r}")
+        self._settle_latent_shape()
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+
+    def _settle_latent_shape(self) -> None:
+        """Derive latent_channels / latent_size from the codec, or check given ones against it."""
+        from .codecs.registry import CODEC_CLASSES
+
+        name = self.codec.get("name") if isinstance(self.codec, dict) else None
+        codec_class = CODEC_CLASSES.get(name)
+        channels = getattr(codec_class, "latent_channels", None)  # class-level for fixed codecs only
+        factor = getattr(codec_class, "downsample_factor", None)
+        if channels is None or factor is None:
+            if self.latent_channels is None or self.latent_size is None:
+                raise ValueError(f"codec {name!r}: set latent_channels and latent_size (the latent shape of a "
+                                 f"{self.image_size} px image; it depends on the loaded codec)")
+            return
+        size = self.image_size // factor
+        for field_name, derived in (("latent_channels", channels), ("latent_size", size)):
+            given = getattr(self, field_name)
+            if given is None:
+                setattr(self, field_name, derived)
+            elif given != derived:
+                raise ValueError(
+                    f"codec {name!r} at image_size {self.image_size} gives latents of {channels} x {size} x {size}, "
+                    f"but {field_name}={given}: set {field_name}={derived} (or leave it out to derive it)")
 
     @property
     def patches_per_side(self) -> int:

@@ -268,13 +268,28 @@ def log_shards(model, optimizer, info: DistInfo, log) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     moments = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.ndim]
-    local = torch.zeros(info.world_size, 3, dtype=torch.float64)
-    local[info.rank] = torch.tensor([local_numel(params), local_numel(moments), local_numel(frozen)], dtype=torch.float64)
+    local = torch.zeros(info.world_size, 5, dtype=torch.float64)
+    local[info.rank] = torch.tensor([local_numel(params), local_numel(moments), local_numel(frozen), *memory_mb(info)],
+                                    dtype=torch.float64)
     counts = all_reduce_sum(local, info).long().tolist()
     log.say("per-rank shards: " + json.dumps({
         "trainable_total": sum(p.numel() for p in params), "trainable": [c[0] for c in counts],
         "optimizer": [c[1] for c in counts], "frozen_total": sum(p.numel() for p in frozen),
-        "frozen": [c[2] for c in counts]}))
+        "frozen": [c[2] for c in counts], "memory_mb": [c[3] for c in counts], "peak_memory_mb": [c[4] for c in counts]}))
+
+
+def memory_mb(info: DistInfo) -> tuple[float, float]:
+    """(now, peak) memory of this process in MiB: CUDA allocations on a GPU, resident set on a CPU."""
+    if info.device.type == "cuda":
+        return torch.cuda.memory_allocated(info.device) / 2**20, torch.cuda.max_memory_allocated(info.device) / 2**20
+    import resource
+
+    now = 0.0
+    with open("/proc/self/status") as status:  # Linux; elsewhere only the peak is known
+        for line in status:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- outputs
