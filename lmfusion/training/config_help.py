@@ -1,0 +1,48 @@
+"""One line of help per TrainConfig key, shown by `lmfusion train --help` next to its default.
+
+Kept beside config.py rather than in it so the dataclass stays one screen; a test checks that
+every field has a line here.
+"""
+
+FIELD_HELP: dict[str, str] = {
+    "name": "run name: the run folder is <runs_dir>/<name>",
+    "runs_dir": "folder that holds run folders",
+    "seed": "seed for initialisation, data order and diffusion noise",
+    "base_model": "base LM: 'smollm2-135m', a HuggingFace hub id or a local folder",
+    "mode": "lmfusion | ffn_only | dense | scratch (paper section 5.1 ablation)",
+    "image_size": "image side in pixels",
+    "patch_size": "latent cells per patch side (tokens per image = (latent side / patch)^2)",
+    "codec": "image codec as a mapping, e.g. '{name: taef2, path: ...}'",
+    "model": "further LMFusionConfig fields, e.g. '{unet_channels: 64, diffusion_loss_weight: 5}'",
+    "data": "dataset folder or file of images + captions",
+    "generate_shapes": "> 0: create a shapes dataset of this many images at `data` if it is missing",
+    "max_text_tokens": "captions are cut to this many tokens",
+    "image_first_ratio": "share of examples with the image before its caption (captioning)",
+    "caption_dropout": "share of caption-first examples whose caption is dropped (for CFG)",
+    "text_only_ratio": "share of examples that are plain text (no image)",
+    "text_data": "text file, one document per line, for text-only examples ('' = captions)",
+    "latent_cache": "folder of pre-encoded latents ('' = the default cache, 'none' = off)",
+    "max_steps": "optimizer steps to train",
+    "batch_size": "examples per optimizer step, over all processes",
+    "micro_batch_size": "examples per forward pass and process (0 = batch_size / processes)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay, on matrices only",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "precision": "fp32 | bf16 (bf16 autocast; weights and optimizer stay fp32)",
+    "gradient_checkpointing": "recompute each fused layer's activations in backward to save memory",
+    "parallel": "with several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2)",
+    "threads": "torch intra-op threads (0 = torch's default)",
+    "log_every": "log a line every this many steps",
+    "checkpoint_every": "save a checkpoint every this many steps (0 = only at the end)",
+    "keep_checkpoints": "checkpoints kept (older ones are deleted)",
+    "sample_every": "write sample images and captions every this many steps (0 = never)",
+    "sample_prompts": "prompts for the sample images",
+    "sample_steps": "denoising steps for the sample images",
+    "sample_cfg": "classifier-free guidance scale for the sample images",
+    "progress": "show a progress bar",
+}
