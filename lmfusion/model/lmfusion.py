@@ -118,6 +118,19 @@ class LMFusionModel(SamplingMixin, nn.Module):
         self.noise_scheduler = training_scheduler(config.num_train_timesteps, config.beta_schedule)
         self.tokenizer = None if tokenizer is None else self._prepare_tokenizer(tokenizer)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(bf16)` and friends, except that the rotary frequencies keep their dtype: HF loads
+        them in fp32 whatever the weights' dtype, and rounding them to bf16 would move every
+        position's rotation, so bf16 text logits would no longer equal the base model's."""
+        rotary = self.text_model.model.rotary_emb
+        kept = dict(rotary.named_buffers(recurse=False))
+        result = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(rotary, name)
+            if after is not None and after.dtype != before.dtype:
+                setattr(rotary, name, before.to(after.device))
+        return result
+
     def _prepare_tokenizer(self, tokenizer):
         """Register BOI/EOI with the tokenizer at ids V and V+1, after every base-vocabulary id."""
         filler = [f"<|lmfusion_unused_{i}|>" for i in range(len(tokenizer), self.text_vocab_size)]

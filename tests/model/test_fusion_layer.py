@@ -69,3 +69,15 @@ def test_the_callers_config_is_not_written_to():
     model = LMFusionModel(tiny_text_model(300), config)
     assert config.base_model_hash is None and model.config.base_model_hash
     assert model.config is not config and isinstance(model.config, LMFusionConfig)
+
+
+def test_bf16_text_logits_equal_the_bf16_base_model():
+    """Casting the model keeps the rotary frequencies in fp32, as HF loads them."""
+    base = tiny_text_model(300).to(torch.bfloat16)
+    base.model.rotary_emb.inv_freq = base.model.rotary_emb.inv_freq.float()  # as from_pretrained(dtype=bf16) has it
+    model = LMFusionModel(copy.deepcopy(base), tiny_lmfusion_config()).to(torch.bfloat16).eval()
+    assert model.text_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.special_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits[..., :300], base(ids).logits)
