@@ -23,7 +23,6 @@ from ..base_models import load_text_model, weights_hash
 from ..config import LMFusionConfig
 from ..diffusion import per_image_mse, sample_timesteps, training_scheduler
 from ..integrity import CheckpointError, read_safetensors, verify_manifest, write_manifest
-from ..sampling import SamplingMixin
 from ..utils import atomic_directory
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
@@ -59,7 +58,7 @@ class LMFusionOutput:
     cache: Cache | None = None
 
 
-class LMFusionModel(SamplingMixin, nn.Module):
+class LMFusionModel(nn.Module):
     def __init__(
         self, text_model: PreTrainedModel, config: LMFusionConfig, base_hash: str | None = None, tokenizer=None
     ):
