@@ -146,8 +146,21 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         shutdown(info)
 
 
+def check_parallel(config: TrainConfig, info: DistInfo) -> None:
+    """Refuse what a sharded run cannot do yet, before any work.
+
+    A text-only micro-batch leaves the image weights of every FSDP unit without gradients on that
+    rank while another rank has them, and the gradient reduce-scatter then waits forever (seen
+    on gloo). DDP is told to expect unused parameters (find_unused_parameters) instead.
+    """
+    if config.parallel == "fsdp" and info.enabled and config.text_only_ratio > 0:
+        raise ValueError("parallel: fsdp does not support text_only_ratio > 0 yet (a text-only micro-batch "
+                         "leaves image weights without gradients on one rank); use parallel: ddp")
+
+
 def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     started = time.time()
+    check_parallel(config, info)
     if config.threads:
         torch.set_num_threads(config.threads)
     micro, accum = config.split_batch(info.world_size)

@@ -117,3 +117,14 @@ def test_sigkilled_fsdp_run_resumes_exactly(fsdp_config, reference):
         assert torch.equal(ours[name], theirs[name]), name
     resumed = {m["step"]: m["loss"] for m in _metrics(config.run_dir)}
     assert all(resumed[m["step"]] == m["loss"] for m in _metrics(reference))
+
+
+def test_fsdp_refuses_text_only_examples_up_front(fsdp_config):
+    from lmfusion.training.distributed import DistInfo
+    from lmfusion.training.loop import check_parallel
+
+    config = fsdp_config("text").replace(text_only_ratio=0.5)
+    with pytest.raises(ValueError, match="text_only_ratio"):
+        check_parallel(config, DistInfo(rank=0, world_size=2))
+    check_parallel(config, DistInfo())  # one process: nothing is sharded
+    check_parallel(config.replace(parallel="ddp"), DistInfo(rank=0, world_size=2))
