@@ -16,6 +16,7 @@ FIELD_HELP: dict[str, str] = {
     "model": "further LMFusionConfig fields, e.g. '{unet_channels: 64, diffusion_loss_weight: 5}'",
     "data": "dataset folder or file of images + captions",
     "generate_shapes": "> 0: create a shapes dataset of this many images at `data` if it is missing",
+    "shapes_two_object_prob": "share of generated shapes scenes with two objects (else one)",
     "max_text_tokens": "captions are cut to this many tokens",
     "image_first_ratio": "share of examples with the image before its caption (captioning)",
     "caption_dropout": "share of caption-first examples whose caption is dropped (for CFG)",
@@ -27,6 +28,7 @@ FIELD_HELP: dict[str, str] = {
     "micro_batch_size": "examples per forward pass and process (0 = batch_size / processes)",
     "lr": "peak learning rate (AdamW)",
     "min_lr": "learning rate at the end of the cosine decay",
+    "fresh_lr_scale": "lr multiplier for fresh modules (U-Net in/out, timestep MLP, BOI/EOI rows)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "AdamW weight decay, on matrices only",
     "beta1": "AdamW beta1",
@@ -45,4 +47,6 @@ FIELD_HELP: dict[str, str] = {
     "sample_steps": "denoising steps for the sample images",
     "sample_cfg": "classifier-free guidance scale for the sample images",
     "progress": "show a progress bar",
+    "probe_every": "conditioning probes (prompt gain, stack dependence) every this many steps (0 = off)",
+    "probe_images": "images the conditioning probes use",
 }
