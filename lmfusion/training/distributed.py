@@ -96,6 +96,18 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (running statistics), as DDP does before each forward.
+
+    FSDP leaves buffers unsharded and per rank; without this, each rank's running statistics
+    follow only its own micro-batches, and a sharded checkpoint (which stores one copy of a
+    replicated tensor) could not resume them exactly.
+    """
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -29,8 +29,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import image_probes
 from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode, probe_records
-from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, clip_gradients, init_distributed,
-                          is_sharded, local_numel, no_sync, shutdown, wrap_model)
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
+                          init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
 
 
 # --------------------------------------------------------------------------- construction
@@ -135,6 +135,8 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if is_sharded(model):
+        broadcast_buffers(model, info)
     text_loss, image_loss = text_sum / max(n_text, 1), image_sum / max(n_images, 1)
     return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
             "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),

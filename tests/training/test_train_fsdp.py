@@ -77,7 +77,10 @@ def test_two_fsdp_processes_match_one_process(fsdp_config, reference):
             assert other[key] == pytest.approx(one[key], abs=1e-5), (one["step"], key)
     ours, theirs = _weights(reference), _weights(fsdp_config("one").run_dir)
     assert ours.keys() == theirs.keys()
-    for name in ours:
+    # Weights, not running statistics: those follow the micro-batches each process saw (one
+    # process updates them twice per step, two processes once each, rank 0's being kept).
+    weights = [name for name in ours if "running_" not in name and "num_batches" not in name]
+    for name in weights:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-5, rtol=0, msg=name)
 
 
