@@ -17,7 +17,9 @@ import sys
 
 COMMAND_MODULES = ("lmfusion.data.cli", "lmfusion.training.cli", "lmfusion.sampling.cli", "lmfusion.evaluation.cli")
 # OSError covers missing/existing files, permissions and full disks: all things a user fixes.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+# KeyError is not here: a missing dict key is a bug and keeps its traceback; code that looks up
+# a user-given name raises ValueError with the choices instead.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lmfusion: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"lmfusion {args.command}: error: {message}", file=sys.stderr)
+        print(f"lmfusion {args.command}: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
 

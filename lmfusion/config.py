@@ -32,8 +32,11 @@ class LMFusionConfig:
     # Image path: codec latents -> U-Net down block -> patches; patches -> up block -> noise.
     codec: dict = field(default_factory=lambda: {"name": "pixel"})
     image_size: int = 64
-    latent_channels: int = 3
-    latent_size: int = 64
+    # The latent shape follows from the codec and image_size (pixel: 3 x image_size; taef2: 32 x
+    # image_size / 8); None derives it. A diffusers VAE's shape is known once it is loaded, so
+    # there both must be given (lmfusion.training.build_model takes them from the loaded codec).
+    latent_channels: int | None = None
+    latent_size: int | None = None
     patch_size: int = 8  # latent cells per patch side; the down block downsamples by this factor
     # How the up block reads the transformer's final image states: "standardize" (per-dimension
     # running mean/std, so the few massive constant dims the copied layers carry cannot swamp the
@@ -63,6 +66,7 @@ class LMFusionConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.image_init not in ("text", "random"):
             raise ValueError(f"image_init must be 'text' or 'random', got {self.image_init!r}")
+        self._settle_latent_shape()
         check_objective(self.objective, self.timestep_sampling or None)
         if self.objective != "flow" and self.timestep_shift != 1.0:
             self.timestep_shift = 1.0  # the shift is a flow setting; DDPM schedules have none
@@ -72,6 +76,29 @@ class LMFusionConfig:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+
+    def _settle_latent_shape(self) -> None:
+        """Derive latent_channels / latent_size from the codec, or check given ones against it."""
+        from .codecs.registry import CODEC_CLASSES
+
+        name = self.codec.get("name") if isinstance(self.codec, dict) else None
+        codec_class = CODEC_CLASSES.get(name)
+        channels = getattr(codec_class, "latent_channels", None)  # class-level for fixed codecs only
+        factor = getattr(codec_class, "downsample_factor", None)
+        if channels is None or factor is None:
+            if self.latent_channels is None or self.latent_size is None:
+                raise ValueError(f"codec {name!r}: set latent_channels and latent_size (the latent shape of a "
+                                 f"{self.image_size} px image; it depends on the loaded codec)")
+            return
+        size = self.image_size // factor
+        for field_name, derived in (("latent_channels", channels), ("latent_size", size)):
+            given = getattr(self, field_name)
+            if given is None:
+                setattr(self, field_name, derived)
+            elif given != derived:
+                raise ValueError(
+                    f"codec {name!r} at image_size {self.image_size} gives latents of {channels} x {size} x {size}, "
+                    f"but {field_name}={given}: set {field_name}={derived} (or leave it out to derive it)")
 
     @property
     def patches_per_side(self) -> int:
@@ -102,4 +129,13 @@ class LMFusionConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "LMFusionConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The saved config; a malformed or foreign file raises CheckpointError naming it."""
+        from .integrity import CheckpointError, read_json
+
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object of LMFusionConfig fields, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a valid LMFusion config ({error})") from None

@@ -99,7 +99,7 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint (model, checkpoint or run folder) on ``data``; write and return the report."""
     from ..model.lmfusion import LMFusionModel
     from ..sampling.image import get_codec
-    from ..training.checkpoint import resolve_checkpoint
+    from ..run_folders import resolve_checkpoint
 
     settings = settings or EvalSettings()
     _, test_path = split_paths(data)  # fail on bad data before the model loads

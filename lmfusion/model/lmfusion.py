@@ -9,25 +9,25 @@ its logits are bit-identical.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..base_models import load_text_model, weights_hash
 from ..config import LMFusionConfig
 from ..diffusion import DiffusionObjective, per_image_mse
-from ..sampling import SamplingMixin
+from ..integrity import CheckpointError, read_safetensors, verify_manifest, write_manifest
 from ..utils import atomic_directory
+from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
 from .masks import image_segment_ids, transfusion_mask
-from .routing import ImageLayer, Routing, feed_forward, project_qkv, reinitialize
+from .routing import ImageLayer, Routing, reinitialize
 from .sequence import MultimodalBatch
 
 CONFIG_FILE = "lmfusion_config.json"
@@ -58,11 +58,12 @@ class LMFusionOutput:
     cache: Cache | None = None
 
 
-class LMFusionModel(SamplingMixin, nn.Module):
+class LMFusionModel(nn.Module):
     def __init__(
         self, text_model: PreTrainedModel, config: LMFusionConfig, base_hash: str | None = None, tokenizer=None
     ):
         super().__init__()
+        config = copy.deepcopy(config)  # the model's own copy: the caller's object is never written to
         self.config = config
         self.text_model = text_model
         text_config = text_model.config
@@ -86,6 +87,16 @@ class LMFusionModel(SamplingMixin, nn.Module):
             self.image_layers = nn.ModuleList(
                 ImageLayer(layer, separate, random_init, std) for layer in text_model.model.layers
             )
+        # The fused layers the forward pass runs: each holds the base model's own text layer and
+        # its image copy. They are a second path to modules registered above, so their state-dict
+        # keys are left out (see _drop_layer_keys): saved weights keep the names `text_model.*`
+        # and `image_layers.N.*`, and checkpoints from before this module existed still load.
+        self.layers = nn.ModuleList(
+            FusionDecoderLayer(text, None if self.image_layers is None else self.image_layers[i], i)
+            for i, text in enumerate(text_model.model.layers)
+        )
+        self.register_state_dict_post_hook(_drop_layer_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_layer_keys)
         self.image_norm = None
         if config.mode in ("lmfusion", "scratch"):
             self.image_norm = copy.deepcopy(text_model.model.norm).requires_grad_(True)
@@ -107,6 +118,19 @@ class LMFusionModel(SamplingMixin, nn.Module):
                                             config.timestep_sampling or None, config.timestep_shift)
         self.tokenizer = None if tokenizer is None else self._prepare_tokenizer(tokenizer)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(bf16)` and friends, except that the rotary frequencies keep their dtype: HF loads
+        them in fp32 whatever the weights' dtype, and rounding them to bf16 would move every
+        position's rotation, so bf16 text logits would no longer equal the base model's."""
+        rotary = self.text_model.model.rotary_emb
+        kept = dict(rotary.named_buffers(recurse=False))
+        result = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(rotary, name)
+            if after is not None and after.dtype != before.dtype:
+                setattr(rotary, name, before.to(after.device))
+        return result
+
     def _prepare_tokenizer(self, tokenizer):
         """Register BOI/EOI with the tokenizer at ids V and V+1, after every base-vocabulary id."""
         filler = [f"<|lmfusion_unused_{i}|>" for i in range(len(tokenizer), self.text_vocab_size)]
@@ -127,33 +151,40 @@ class LMFusionModel(SamplingMixin, nn.Module):
         config = config or LMFusionConfig()
         if isinstance(text_model_or_path, str):
             text_model, loaded_tokenizer = load_text_model(text_model_or_path)
-            config.base_model = text_model_or_path
+            config = dataclasses.replace(config, base_model=text_model_or_path)
             tokenizer = tokenizer or loaded_tokenizer
         else:
             text_model = text_model_or_path
         return cls(text_model, config, tokenizer=tokenizer)
 
-    def save_pretrained(self, directory) -> None:
-        """Write the config and the non-base weights; the folder appears complete or not at all."""
+    def save_pretrained(self, directory, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the config and the non-base weights; the folder appears complete or not at all.
+
+        `state` replaces adapter_state_dict() (a sharded trainer passes the gathered full tensors).
+        """
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous() for k, v in self.adapter_state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or self.adapter_state_dict()).items()}
         if not self.config.text_frozen:  # tied embeddings share storage: store the tie once
             state = {k: v.clone() for k, v in state.items()}
         with atomic_directory(directory) as tmp:
             self.config.save(tmp / CONFIG_FILE)
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mode": self.config.mode})
+            write_manifest(tmp, editable=(CONFIG_FILE,))  # last: sizes and checksums of the weights
 
     @classmethod
     def from_pretrained(cls, directory, base_model: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionModel":
-        """Rebuild a saved model. `base_model` overrides where the base LM is loaded from."""
-        from pathlib import Path
+        """Rebuild a saved model. `base_model` overrides where the base LM is loaded from.
 
-        from safetensors.torch import load_file
+        A damaged or foreign file raises CheckpointError (a ValueError) naming that file; the
+        folder's manifest, where it has one, is verified before anything is loaded.
+        """
+        from pathlib import Path
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not an LMFusion checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        verify_manifest(directory)
         config = LMFusionConfig.load(directory / CONFIG_FILE)
         text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=dtype)
         found = None
@@ -165,15 +196,8 @@ class LMFusionModel(SamplingMixin, nn.Module):
                     f"checkpoint {directory} was trained on {str(config.base_model_hash)[:12]}...: wrong base model"
                 )
         model = cls(text_model, config, base_hash=found, tokenizer=tokenizer)
-        state = load_file(str(directory / WEIGHTS_FILE))
-        if config.text_frozen:
-            expected = set(model.adapter_state_dict())
-            if set(state) != expected:
-                missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-                raise ValueError(f"checkpoint weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            model.load_state_dict(state, strict=False)
-        else:
-            model.load_state_dict(state, strict=True)
+        state = read_safetensors(directory / WEIGHTS_FILE)
+        model.load_adapter_state(state, directory / WEIGHTS_FILE)
         return model.to(dtype)
 
     # ------------------------------------------------------------------ ids and embeddings
@@ -289,48 +313,14 @@ class LMFusionModel(SamplingMixin, nn.Module):
             )
         rotary = self.text_model.model.rotary_emb(text_embeds.view(batch, length, -1), position_ids=position_ids)
 
-        for index in range(len(self.text_model.model.layers)):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x_text, x_image = checkpoint(
-                    self._layer, index, x_text, x_image, routing, rotary, mask, cache, use_reentrant=False
-                )
-            else:
-                x_text, x_image = self._layer(index, x_text, x_image, routing, rotary, mask, cache)
+        for layer in self.layers:
+            x_text, x_image = layer(x_text, x_image, routing, rotary, mask, cache)
 
         x_text = self.text_model.model.norm(x_text)
         if x_image is not None:
             final_norm = self.image_norm if self.image_norm is not None else self.text_model.model.norm
             x_image = final_norm(x_image)
         return x_text, x_image, routing, cache, skips, temb
-
-    def _layer(self, index, x_text, x_image, routing: Routing, rotary, mask, cache):
-        text = self.text_model.model.layers[index]
-        attn = text.self_attn
-        image = self.image_layers[index] if self.image_layers is not None else None
-        # Which modules the image rows use: their own copy where one exists, else the shared text one.
-        image_attn = image if image is not None and image.separate_attention else attn
-        image_attn_norm = image.input_layernorm if image_attn is image else text.input_layernorm
-        image_ffn = image if image is not None else text
-
-        q, k, v = project_qkv(text.input_layernorm, attn, x_text)
-        if x_image is not None:
-            qi, ki, vi = project_qkv(image_attn_norm, image_attn, x_image)
-            q, k, v = routing.merge(q, qi), routing.merge(k, ki), routing.merge(v, vi)
-
-        shape = (routing.batch, routing.length, -1, attn.head_dim)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary_pos_emb(q, k, *rotary)
-        if cache is not None:
-            k, v = cache.update(k, v, index)
-        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        out_text, out_image = routing.split(out.reshape(routing.batch * routing.length, -1))
-
-        x_text = x_text + attn.o_proj(out_text)
-        x_text = feed_forward(x_text, text.post_attention_layernorm, text.mlp)
-        if x_image is not None:
-            x_image = x_image + image_attn.o_proj(out_image)
-            x_image = feed_forward(x_image, image_ffn.post_attention_layernorm, image_ffn.mlp)
-        return x_text, x_image
 
     # ------------------------------------------------------------------ training objective
     def loss_sums(self, batch: MultimodalBatch, generator: torch.Generator | None = None, forward=None) -> LossSums:
@@ -372,6 +362,20 @@ class LMFusionModel(SamplingMixin, nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source="the given state") -> None:
+        """Load what adapter_state_dict() saved; a mismatch (foreign or other-config file) raises
+        CheckpointError naming `source`."""
+        expected = self.adapter_state_dict()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise CheckpointError(f"{source}: weights do not match this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise CheckpointError(f"{source}: weights have other shapes than this model's, e.g. {wrong[0]} "
+                                  f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}")
+        self.load_state_dict(state, strict=not self.config.text_frozen)
+
     # Modules with no counterpart in the base LM: they start from scratch (and may need a higher
     # learning rate than the copied layers, which start from pretrained weights).
     FRESH_MODULES = ("time_embed", "image_in", "image_out", "special_embed", "special_head")
@@ -388,4 +392,26 @@ class LMFusionModel(SamplingMixin, nn.Module):
         return {k: v for k, v in state.items() if not k.startswith("text_model.")}
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each fused layer's activations in backward (torch's checkpoint_wrapper per layer)."""
         self.gradient_checkpointing = enabled
+        for index, layer in enumerate(self.layers):
+            self.layers[index] = wrap_checkpointing(layer) if enabled else unwrap_checkpointing(layer)
+
+    def fusion_layers(self) -> list[FusionDecoderLayer]:
+        """The FusionDecoderLayer modules, without any wrapper around them."""
+        return [unwrap_checkpointing(layer) for layer in self.layers]
+
+
+def _drop_layer_keys(module, state_dict, prefix, local_metadata) -> None:
+    """`layers.*` names the same tensors as `text_model.*` and `image_layers.*`: keep one name each."""
+    for key in [k for k in state_dict if k.startswith(prefix + "layers.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_layer_keys(module, incompatible_keys) -> None:
+    """Loading fills the fused layers through their canonical names; `layers.*` is never expected."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not _LAYER_KEY.search(k)]
+
+
+_LAYER_KEY = re.compile(r"(^|\.)layers\.\d+\.(_checkpoint_wrapped_module\.)?(text|image)\.")

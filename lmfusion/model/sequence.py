@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Transfusion §4.3.4: when the image comes before its caption, noise is capped at t < 500 so the
-# caption is conditioned on a recognisable image.
+# Transfusion §4.3.4: when the image comes before its caption, noise is capped at t < 500 (of
+# 1,000 training timesteps) so the caption is conditioned on a recognisable image. With another
+# num_train_timesteps the cap keeps that fraction: half of the schedule.
 IMAGE_FIRST_MAX_TIMESTEP = 500
+IMAGE_FIRST_FRACTION = 0.5
 
 
 @dataclass
@@ -66,8 +68,10 @@ class MultimodalBatch:
 class SequenceBuilder:
     """Tokenises captions and lays out the two training orders of the paper."""
 
-    def __init__(self, tokenizer, boi_id: int, eoi_id: int, tokens_per_image: int, max_text_tokens: int = 64):
+    def __init__(self, tokenizer, boi_id: int, eoi_id: int, tokens_per_image: int, max_text_tokens: int = 64,
+                 num_train_timesteps: int = 1000):
         self.tokenizer = tokenizer
+        self.num_train_timesteps = num_train_timesteps  # text-first images draw t from the whole schedule
         self.boi_id, self.eoi_id = boi_id, eoi_id
         self.tokens_per_image = tokens_per_image
         self.max_text_tokens = max_text_tokens
@@ -85,10 +89,13 @@ class SequenceBuilder:
     def text_then_image(self, caption: str) -> Example:
         """Caption, then the image (text-to-image). An empty caption is the CFG unconditional case."""
         example = Example().add_text(self.encode(caption) if caption else [])
-        return example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, 1000).add_text([self.eos_id])
+        example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, self.num_train_timesteps)
+        return example.add_text([self.eos_id])
 
-    def image_then_text(self, caption: str, max_timestep: int = IMAGE_FIRST_MAX_TIMESTEP) -> Example:
-        """The image, then its caption (captioning)."""
+    def image_then_text(self, caption: str, max_timestep: int | None = None) -> Example:
+        """The image, then its caption (captioning); its noise is capped at half the schedule."""
+        if max_timestep is None:
+            max_timestep = int(self.num_train_timesteps * IMAGE_FIRST_FRACTION)
         example = Example().add_image(self.boi_id, self.eoi_id, self.tokens_per_image, max_timestep)
         return example.add_text(self.encode(caption) + [self.eos_id])
 

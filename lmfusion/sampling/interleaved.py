@@ -15,7 +15,8 @@ import torch
 
 from ..utils import atomic_write_bytes
 from .image import check_sampling_args, decode_latents, denoise, image_generators
-from .text import Context, TokenPicker, encode_text, eos_ids, max_positions, vocabulary_mask
+from .context import Context
+from .text import TokenPicker, encode_text, eos_ids, max_positions, vocabulary_mask
 
 
 class InterleavedSession:

@@ -7,7 +7,7 @@
     pipe.generate_text("The capital of France is")                              # str
 
 The same functions are plain functions taking the model first (lmfusion.sampling.image/text/
-interleaved), and `SamplingMixin` exposes them as model methods.
+interleaved). The model itself has no sampling methods: the pipeline owns it, as in diffusers.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def resolve_device(device: str | None) -> torch.device:
 def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32):
     """Load a model folder, checkpoint folder or run folder (its latest model) for inference."""
     from ..model.lmfusion import LMFusionModel
-    from ..training.checkpoint import resolve_checkpoint
+    from ..run_folders import resolve_checkpoint
 
     device = resolve_device(device)
     model = LMFusionModel.from_pretrained(resolve_checkpoint(path), dtype=dtype)

@@ -9,80 +9,40 @@
         optimizer.json                 param groups (lr, betas, ...)
         rng.safetensors                torch CPU (+ CUDA) generator states
         trainer_state.json             step, samples seen, scheduler, python/numpy RNG, metrics
+        manifest.json                  size and CRC-32 of every file above, written last
+        shards/                        parallel=fsdp only: torch.distributed.checkpoint files of the
+                                       trainable weights and AdamW state, one per rank (then
+                                       optimizer.safetensors is absent; model/ is the gathered
+                                       single-file adapter that from_pretrained loads)
 
 A checkpoint is written into a hidden temporary folder and renamed into place, and only then
 does `latest` (itself replaced atomically) point at it. A process killed at any instant
 therefore leaves either the previous checkpoint or the new one, never a half-written folder that
-a resume would trust. Everything is safetensors or JSON: loading a checkpoint cannot run code.
+a resume would trust. Damage after the fact (a truncated copy, a full disk, an edit by hand) is
+caught by the manifest: `--resume` verifies it and falls back, loudly, to the newest intact
+checkpoint. Everything is safetensors or JSON: loading a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..utils import atomic_directory, atomic_write_bytes, recover_aside
+from ..integrity import CheckpointError, read_json, read_safetensors, verify_manifest, write_manifest
+from ..run_folders import (  # noqa: F401  (re-exported: the trainer's names for the layout)
+    CHECKPOINTS, LATEST, MODEL_CONFIG, MODEL_DIR, STEP_PATTERN, latest_checkpoint, list_checkpoints, resolve_checkpoint,
+    step_name,
+)
+from ..utils import atomic_directory, atomic_write_bytes, publish_directory, recover_aside, staging_directory
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-MODEL_DIR = "model"
-STEP_PATTERN = re.compile(r"^step_(\d{6,})$")
-MODEL_CONFIG = "lmfusion_config.json"  # = lmfusion.model.lmfusion.CONFIG_FILE
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-# --------------------------------------------------------------------------- finding checkpoints
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and STEP_PATTERN.match(p.name)]
-    found = [p for p in found if (p / "trainer_state.json").is_file() and (p / MODEL_DIR / MODEL_CONFIG).is_file()]
-    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names; if that file is missing or stale, the newest complete one."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        candidate = run_dir / CHECKPOINTS / pointer.read_text().strip()
-        if (candidate / "trainer_state.json").is_file():
-            return candidate
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Map what a user passes as --checkpoint to a model folder `LMFusionModel.from_pretrained` loads.
-
-    Accepts a model folder, a checkpoint folder (runs/x/checkpoints/step_000100) or a run folder
-    (runs/x, resolved through its `latest` pointer).
-    """
-    path = Path(path)
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    if (path / MODEL_DIR / MODEL_CONFIG).is_file():
-        return path / MODEL_DIR
-    if (path / LATEST).is_file() or (path / CHECKPOINTS).is_dir():
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise FileNotFoundError(f"training run {path} has no complete checkpoint yet")
-        return checkpoint / MODEL_DIR
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    raise FileNotFoundError(f"{path} is neither an LMFusion model folder, a checkpoint folder nor a training run folder")
+SHARDS_DIR = "shards"  # parallel: fsdp checkpoints
 
 
 # --------------------------------------------------------------------------- run folders
@@ -175,29 +135,67 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-        _write_json(tmp / "trainer_state.json", state)  # written last: its presence marks completeness
+        _write_json(tmp / "trainer_state.json", state)
+        write_manifest(tmp, editable=(MODEL_CONFIG,))  # last: sizes and checksums of everything above
     atomic_write_bytes(run_dir / LATEST, f"{target.name}\n".encode())
     prune_checkpoints(run_dir, keep)
     return target
 
 
 def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state."""
+    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state.
+
+    The manifest is verified first; a damaged or foreign file raises CheckpointError naming it.
+    """
     from ..model.lmfusion import WEIGHTS_FILE
 
     checkpoint = Path(checkpoint)
-    weights = load_file(str(checkpoint / MODEL_DIR / WEIGHTS_FILE))
-    expected = set(model.adapter_state_dict())
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise ValueError(f"{checkpoint} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(weights, strict=False)
-    meta = json.loads((checkpoint / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_files(load_file(str(checkpoint / "optimizer.safetensors")), meta))
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng(load_file(str(checkpoint / "rng.safetensors")), state["rng"])
+    verify_manifest(checkpoint)
+    weights = read_safetensors(checkpoint / MODEL_DIR / WEIGHTS_FILE)
+    state = read_json(checkpoint / "trainer_state.json")
+    meta = read_json(checkpoint / "optimizer.json")
+    opt_tensors = read_safetensors(checkpoint / "optimizer.safetensors")
+    rng_tensors = read_safetensors(checkpoint / "rng.safetensors")
+    model.load_adapter_state(weights, checkpoint / MODEL_DIR / WEIGHTS_FILE)
+    with _names_file(checkpoint / "optimizer.safetensors"):
+        optimizer.load_state_dict(optimizer_from_files(opt_tensors, meta))
+    with _names_file(checkpoint / "trainer_state.json"):
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(rng_tensors, state["rng"])
     return state
+
+
+def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=print) -> tuple[Path, dict] | None:
+    """Resume from `latest`, or, when it is damaged, from the newest checkpoint that is intact.
+
+    Each damaged checkpoint is reported through `say`, naming the file and the problem. Returns
+    None when the run has no checkpoint; raises CheckpointError when none of them is intact.
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [c for c in reversed(list_checkpoints(run_dir)) if c != newest]
+    problems = []
+    for candidate in candidates:
+        try:
+            return candidate, load_checkpoint(candidate, model, optimizer, scheduler)
+        except CheckpointError as error:
+            problems.append(str(error))
+            following = candidates[len(problems)] if len(problems) < len(candidates) else None
+            say(f"WARNING: checkpoint {candidate.name} is damaged: {error}; "
+                + (f"falling back to {following.name}" if following else "no older checkpoint is left"))
+    raise CheckpointError(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _names_file(path: Path):
+    """Re-raise a malformed entry (a missing key, a shape mismatch) as a CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: does not fit this run ({type(error).__name__}: {error})") from None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
@@ -219,3 +217,112 @@ def remove_partial(run_dir: str | Path) -> int:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- sharded (FSDP2) checkpoints
+def sharded_state(model, optimizer) -> dict:
+    """What torch.distributed.checkpoint writes and reads in place: the trainable weights (DTensor
+    shards) by their saved names, and the AdamW tensors as "<param index>.<key>"."""
+    tensors, _ = _split_optimizer(optimizer)
+    return {"model": dict(model.adapter_state_dict()), "optimizer": tensors}
+
+
+def _split_optimizer(optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            (tensors if isinstance(value, torch.Tensor) else scalars)[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+                            keep: int, info) -> Path:
+    """Collective: every rank writes its shards; rank 0 adds the gathered adapter, the rest of the
+    state and the manifest, then publishes the folder atomically (ranks share the file system)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    from .distributed import barrier, broadcast_object
+
+    run_dir = Path(run_dir)
+    target = run_dir / CHECKPOINTS / step_name(step)
+    staged = Path(broadcast_object(str(staging_directory(target)) if info.is_main else None, info))
+    try:
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=str(staged / SHARDS_DIR))
+        # Gathering is collective too, one tensor at a time, so every rank walks the same keys.
+        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in model.adapter_state_dict().items()}
+        if info.is_main:
+            model.save_pretrained(staged / MODEL_DIR, state=full)
+            _write_json(staged / "optimizer.json", _split_optimizer(optimizer)[1])
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(staged / "rng.safetensors"))
+            state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+            _write_json(staged / "trainer_state.json", state)
+            write_manifest(staged, editable=(MODEL_CONFIG,))
+            publish_directory(staged, target)
+            atomic_write_bytes(run_dir / LATEST, f"{target.name}\n".encode())
+            prune_checkpoints(run_dir, keep)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    barrier(info)
+    return target
+
+
+def find_intact_sharded(run_dir: str | Path, world_size: int, say=print) -> Path | None:
+    """The newest sharded checkpoint whose manifest verifies, reporting each damaged one (rank 0)."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [c for c in reversed(list_checkpoints(run_dir)) if c != newest]
+    problems = []
+    for index, candidate in enumerate(candidates):
+        try:
+            verify_manifest(candidate, required=True)
+            if not (candidate / SHARDS_DIR).is_dir():
+                raise CheckpointError(f"{candidate}: not a sharded checkpoint (written with parallel: ddp)")
+            written_by = read_json(candidate / "trainer_state.json").get("world_size")
+            if written_by != world_size:
+                raise CheckpointError(f"{candidate}: written by {written_by} processes; resume it with as many")
+            return candidate
+        except CheckpointError as error:
+            problems.append(str(error))
+            following = candidates[index + 1].name if index + 1 < len(candidates) else None
+            say(f"WARNING: checkpoint {candidate.name} is damaged: {error}; "
+                + (f"falling back to {following}" if following else "no older checkpoint is left"))
+    raise CheckpointError(f"no intact checkpoint in {run_dir}: " + "; ".join(problems))
+
+
+def load_sharded_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict:
+    """Collective: restore weights and AdamW state into this rank's shards, then scheduler and RNG."""
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = Path(checkpoint)
+    state = read_json(checkpoint / "trainer_state.json")
+    meta = read_json(checkpoint / "optimizer.json")
+    initialize_optimizer_state(optimizer)  # DCP loads in place: the moments must exist first
+    target = sharded_state(model, optimizer)
+    with _names_file(checkpoint / SHARDS_DIR):
+        dcp.load(target, checkpoint_id=str(checkpoint / SHARDS_DIR))
+        optimizer.load_state_dict(optimizer_from_files(target["optimizer"], meta))
+    with _names_file(checkpoint / "trainer_state.json"):
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(read_safetensors(checkpoint / "rng.safetensors"), state["rng"])
+    return state
+
+
+@torch.no_grad()
+def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state tensors without changing any weight: one step at lr 0 on zero gradients."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 
 from .config import PRESETS, TrainConfig, load_config, parse_value
+from .config_help import FIELD_HELP
 
 
 def register(subparsers) -> None:
@@ -29,16 +31,20 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue runs/<name> from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing runs/<name> first")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    fields = parser.add_argument_group("config keys (see configs/quickstart.yaml)")
+    fields = parser.add_argument_group("config keys (see configs/quickstart.yaml); defaults before any preset")
+    defaults = TrainConfig().to_dict()
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
+        # argparse expands %-formats in help; a default such as "50%" must stay literal.
+        text = f"{FIELD_HELP.get(field.name, '')} (default: {json.dumps(defaults[field.name])})".replace("%", "%%")
         if field.type in ("list", list):
-            fields.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE")
+            fields.add_argument(flag, dest=field.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE", help=text)
         elif field.type in ("bool", bool):
-            fields.add_argument(flag, dest=field.name, nargs="?", const=True, type=parse_value, default=argparse.SUPPRESS)
+            fields.add_argument(flag, dest=field.name, nargs="?", const=True, type=parse_value, default=argparse.SUPPRESS,
+                                help=text)
         else:  # strings stay verbatim (YAML would turn "no" into False); the rest parse as YAML
             kind = str if field.type in ("str", str) else parse_value
-            fields.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, metavar="VALUE")
+            fields.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, metavar="VALUE", help=text)
     parser.set_defaults(func=run_train)
 
 

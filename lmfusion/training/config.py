@@ -19,6 +19,7 @@ import yaml
 from ..config import TINY_UNET, LMFusionConfig
 
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
+    parallel: str = "ddp"  # with several processes: "ddp" replicates, "fsdp" shards (FSDP2)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
 
     # ---- logging, checkpoints, samples
@@ -86,6 +88,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
             (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),

@@ -295,7 +295,7 @@ class BatchSource:
 def build_batch_source(data: CaptionLatents, model, config) -> BatchSource:
     """Wire a dataset to the model's tokenizer and the config's mixing ratios."""
     builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image,
-                              config.max_text_tokens)
+                              config.max_text_tokens, model.config.num_train_timesteps)
     texts = read_text_documents(config.text_data)
     planner = ExamplePlanner(len(data), config.seed, config.image_first_ratio, config.caption_dropout,
                              config.text_only_ratio, len(texts))

@@ -29,7 +29,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import image_probes
 from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode, probe_records
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, no_sync, shutdown, wrap_model
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
+                          init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
 
 
 # --------------------------------------------------------------------------- construction
@@ -129,11 +130,13 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
         sums += torch.stack([part.text.detach().double().cpu(), part.image.detach().double().cpu()])
     text_sum, image_sum = all_reduce_sum(sums, info).tolist()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    grad_norm = clip_gradients(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if is_sharded(model):
+        broadcast_buffers(model, info)
     text_loss, image_loss = text_sum / max(n_text, 1), image_sum / max(n_images, 1)
     return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
             "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),
@@ -154,8 +157,21 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         shutdown(info)
 
 
+def check_parallel(config: TrainConfig, info: DistInfo) -> None:
+    """Refuse what a sharded run cannot do yet, before any work.
+
+    A text-only micro-batch leaves the image weights of every FSDP unit without gradients on that
+    rank while another rank has them, and the gradient reduce-scatter then waits forever (seen
+    on gloo). DDP is told to expect unused parameters (find_unused_parameters) instead.
+    """
+    if config.parallel == "fsdp" and info.enabled and config.text_only_ratio > 0:
+        raise ValueError("parallel: fsdp does not support text_only_ratio > 0 yet (a text-only micro-batch "
+                         "leaves image weights without gradients on one rank); use parallel: ddp")
+
+
 def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     started = time.time()
+    check_parallel(config, info)
     if config.threads:
         torch.set_num_threads(config.threads)
     micro, accum = config.split_batch(info.world_size)
@@ -169,16 +185,21 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         data, model, codec = _load_data_and_model(config, info)
         log.data_stats(data)
         source = build_batch_source(data, model, config)
+        # Wrap first: FSDP replaces the parameters with shards, which the optimizer must hold.
+        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0, parallel=config.parallel)
+        sharded = is_sharded(model)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
-        step = _maybe_resume(config, resume, model, optimizer, scheduler, log)
-        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0)
+        step = _maybe_resume(config, resume, model, optimizer, scheduler, log, info, sharded)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.say(f"{trainable / 1e6:.1f}M trainable parameters; {info.world_size} process(es) x {accum} "
-                f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}")
+                f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}"
+                + ("; FSDP2 sharded" if sharded else ""))
 
         probes = None
-        if config.probe_every and info.is_main:
+        if config.probe_every and sharded:  # probes run on rank 0 alone; a sharded forward needs every rank
+            log.say("probes: skipped under parallel: fsdp")
+        elif config.probe_every and info.is_main:
             probes = probe_records(config.data, config.image_size, codec, config.probe_images)
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
         history, first_step = [], step
@@ -193,9 +214,12 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
                 metrics.update(log.probes(image_probes(model, probes[0], probes[1], seed=config.seed), step))
             history.append(metrics)
             log.step(metrics, progress, every=config.log_every)
+            if step == first_step + 1:
+                log_shards(model, optimizer, info, log)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps:
-                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log)
-            if config.sample_every and step % config.sample_every == 0 and info.is_main:
+                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log, sharded)
+            # A sharded model's forward is collective: every rank samples, rank 0 writes.
+            if config.sample_every and step % config.sample_every == 0 and (info.is_main or sharded):
                 write_samples(model, codec, data, config, step, log)
         progress.close()
     finally:
@@ -220,14 +244,29 @@ def _load_data_and_model(config: TrainConfig, info: DistInfo):
     return data, model, codec
 
 
-def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log) -> int:
-    """The step to start from: the latest checkpoint's with --resume (state restored), else 0."""
-    found = ckpt.latest_checkpoint(config.run_dir) if resume else None
-    if found is None:
-        if resume:
-            log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
+def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log, info: DistInfo,
+                  sharded: bool) -> int:
+    """The step to start from: the newest intact checkpoint's with --resume (state restored), else 0."""
+    if not resume:
         return 0
-    state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+    if sharded:  # rank 0 verifies and chooses, every rank loads its shards of that one
+        choice = None
+        if info.is_main:
+            try:
+                found = ckpt.find_intact_sharded(config.run_dir, info.world_size, say=log.say)
+                choice = ("ok", str(found) if found else None)
+            except ckpt.CheckpointError as error:
+                choice = ("error", str(error))
+        kind, value = broadcast_object(choice, info)
+        if kind == "error":
+            raise ckpt.CheckpointError(value)
+        loaded = None if value is None else (Path(value), ckpt.load_sharded_checkpoint(value, model, optimizer, scheduler))
+    else:
+        loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say)
+    if loaded is None:
+        log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
+        return 0
+    found, state = loaded
     log.say(f"resumed from {found} at step {state['step']}")
     if state.get("max_steps", config.max_steps) != config.max_steps:
         log.say(f"note: max_steps changed from {state['max_steps']} to {config.max_steps}: the cosine schedule "
@@ -236,14 +275,53 @@ def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler
 
 
 def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, scheduler, metrics: dict, n_records: int,
-          log) -> None:
-    """Rank 0 writes (every rank holds the same state); the others wait so no rank races ahead."""
+          log, sharded: bool) -> None:
+    """DDP: rank 0 writes (every rank holds the same state) and the others wait so no rank races
+    ahead. FSDP: every rank writes its shards (collective)."""
+    state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
+             "max_steps": config.max_steps, "world_size": info.world_size, "parallel": config.parallel,
+             "metrics": metrics}
+    if sharded:
+        path = ckpt.save_sharded_checkpoint(config.run_dir, step, model, optimizer, scheduler, state,
+                                            config.keep_checkpoints, info)
+        log.say(f"saved {path}")
+        return
     if info.is_main:
-        state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
-                 "max_steps": config.max_steps, "world_size": info.world_size, "metrics": metrics}
         path = ckpt.save_checkpoint(config.run_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
         log.say(f"saved {path}")
     barrier(info)
+
+
+def log_shards(model, optimizer, info: DistInfo, log) -> None:
+    """How many trainable weights and AdamW elements each rank stores (its local shards under FSDP),
+    measured after the first step, when AdamW's state exists."""
+    if not info.enabled:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    moments = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.ndim]
+    local = torch.zeros(info.world_size, 5, dtype=torch.float64)
+    local[info.rank] = torch.tensor([local_numel(params), local_numel(moments), local_numel(frozen), *memory_mb(info)],
+                                    dtype=torch.float64)
+    counts = all_reduce_sum(local, info).long().tolist()
+    log.say("per-rank shards: " + json.dumps({
+        "trainable_total": sum(p.numel() for p in params), "trainable": [c[0] for c in counts],
+        "optimizer": [c[1] for c in counts], "frozen_total": sum(p.numel() for p in frozen),
+        "frozen": [c[2] for c in counts], "memory_mb": [c[3] for c in counts], "peak_memory_mb": [c[4] for c in counts]}))
+
+
+def memory_mb(info: DistInfo) -> tuple[float, float]:
+    """(now, peak) memory of this process in MiB: CUDA allocations on a GPU, resident set on a CPU."""
+    if info.device.type == "cuda":
+        return torch.cuda.memory_allocated(info.device) / 2**20, torch.cuda.max_memory_allocated(info.device) / 2**20
+    import resource
+
+    now = 0.0
+    with open("/proc/self/status") as status:  # Linux; elsewhere only the peak is known
+        for line in status:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) / 1024
+    return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- outputs
@@ -345,6 +423,8 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
         return
     finally:
         model.train(was_training)
+    if not log.enabled:  # a non-writing rank of a sharded run only took part in the forward passes
+        return
     folder = log.run_dir / "samples"
     grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
     lines = [f"step {step}: generated ({config.sample_steps} steps, cfg {config.sample_cfg}), left to right:"]

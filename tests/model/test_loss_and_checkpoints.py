@@ -192,3 +192,10 @@ def test_sampling_draws_the_memorised_image(memorised):
     to_image = (samples - SQUARE).pow(2).mean()
     to_negative = (samples + SQUARE).pow(2).mean()
     assert to_image < 0.5 * to_negative, (to_image, to_negative)
+
+
+def test_noise_caps_follow_num_train_timesteps(model):
+    builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image,
+                              num_train_timesteps=200)
+    batch = builder.collate([builder.text_then_image("a"), builder.image_then_text("b")], torch.zeros(2, 3, 16, 16))
+    assert batch.max_timesteps.tolist() == [200, 100]

@@ -107,3 +107,23 @@ def test_resume_differences_ignore_logging_knobs():
     a = TrainConfig()
     assert config_differences(a, a.replace(max_steps=5, log_every=1, sample_every=3)) == []
     assert config_differences(a, a.replace(lr=1.0, seed=3)) == ["lr", "seed"]
+
+
+def test_train_help_gives_every_key_a_line_with_its_default(capsys):
+    import dataclasses
+
+    from lmfusion.cli import main
+    from lmfusion.training.config_help import FIELD_HELP
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(FIELD_HELP) == sorted(names), "every TrainConfig field needs a line in config_help.FIELD_HELP"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    text = text.split("defaults before any preset:", 1)[1]  # the config keys' section, not the usage line
+    for name in names:
+        flag = "--" + name.replace("_", "-") + " "
+        assert flag in text
+        after = text.split(flag, 1)[1]
+        assert FIELD_HELP[name].split()[0] in after and "(default:" in after.split("--", 1)[0], name
+    assert "(default: 0.0001)" in text and '(default: "ddp")' in text
