@@ -11,6 +11,7 @@ import contextlib
 import signal
 import socket
 import threading
+import time
 
 import uvicorn
 
@@ -70,3 +71,37 @@ def make_server(app, sock: socket.socket, log_level: str = "info", shutdown_time
 def serve(app, sock: socket.socket, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
     """Serve until a signal stops it (blocking)."""
     make_server(app, sock, log_level, shutdown_timeout).run(sockets=[sock])
+
+
+class ServerThread:
+    """Serve `app` from a background thread on host:port (0 = a free port), e.g. for tests,
+    benchmarks or a notebook: `with ServerThread(app) as server: ... server.url ...`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout: float = 30.0):
+        self.app = app
+        sock = bind(host, port)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = make_server(app, sock, log_level)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+
+    @property
+    def worker(self):
+        return self.app.state.worker
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.app.state.worker.begin_shutdown()
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
