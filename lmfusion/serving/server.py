@@ -49,7 +49,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port; OSError with a plain message if it cannot be had."""
+    """A listening socket on host:port; OSError with a plain message if it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,6 +58,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+    # Listening at once: a client that connects while the model loads waits in the backlog
+    # instead of being refused.
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
