@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch-images", type=int, default=16, help="images sampled together in one call (default 16)")
     p.add_argument("--no-batching", action="store_true", help="sample each image request on its own")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queue included (default 600)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish before closing them (default 30)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB; larger gets 413 (default 16)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps when a request does not say (default 50)")
     p.add_argument("--guidance", type=float, default=1.6, help="guidance scale when a request does not say (default 1.6)")
@@ -49,8 +51,8 @@ def settings_from_args(args):
     for flag, value in (("--max-queue", args.max_queue), ("--max-batch-images", args.max_batch_images)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    if args.request_timeout <= 0 or args.max_body_mb <= 0:
-        raise ValueError("--request-timeout and --max-body-mb must be positive")
+    if args.request_timeout <= 0 or args.max_body_mb <= 0 or args.shutdown_timeout < 0:
+        raise ValueError("--request-timeout and --max-body-mb must be positive, --shutdown-timeout not negative")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
@@ -86,7 +88,7 @@ def run_serve(args) -> int:
     size = model.config.image_size
     print(f"lmfusion serve: http://{_url_host(host)}:{port}/ (model {settings.model_name!r}, {size}x{size} images); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
-    serve(app, sock, args.log_level)
+    serve(app, sock, args.log_level, args.shutdown_timeout)
     print("lmfusion serve: stopped", file=sys.stderr)
     return 0
 

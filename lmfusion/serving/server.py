@@ -1,8 +1,9 @@
 """Running the app: uvicorn on a socket we bind ourselves, stopping cleanly on SIGINT/SIGTERM.
 
 On the first signal the worker stops taking jobs and cancels the waiting ones (their clients
-get 503 at once), the running batch finishes, uvicorn closes the connections and the process
-exits 0. Binding before the model loads makes a busy port a one-line error in a second.
+get 503 at once), the running batch finishes (its clients get their answer if that takes less
+than the shutdown timeout, else their connection is closed), and the process exits 0 once the
+worker thread is done. Binding before the model loads makes a busy port a one-line error in a second.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(app, sock: socket.socket, log_level: str = "info", shutdown_timeout: float = 30.0) -> GracefulServer:
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout), lifespan="on",
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, round(shutdown_timeout)), lifespan="on",
                             access_log=log_level == "debug")
     return GracefulServer(config, on_exit=app.state.worker.begin_shutdown)
 

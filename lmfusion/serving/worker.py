@@ -88,7 +88,9 @@ class ModelWorker:
         self._running: list[Job] = []
         self._condition = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="lmfusion-model-worker", daemon=True)
+        # Not a daemon: the interpreter waits for the running batch at exit. A daemon thread
+        # still inside torch when Python finalizes is killed mid-C++ call and aborts the process.
+        self._thread = threading.Thread(target=self._loop, name="lmfusion-model-worker")
 
     # ------------------------------------------------------------------ client side
     def start(self) -> None:

@@ -98,17 +98,17 @@ def test_api_key_is_required_when_set(start_server):
 
 
 @pytest.fixture()
-def blocked(start_server):
+def blocked(start_server, request):
     """A server with one waiting slot whose worker is busy until `release` is set."""
-    busy = start_server(max_queue=1, request_timeout=1.5)
+    busy = start_server(max_queue=1, request_timeout=getattr(request, "param", 1.5))
     release = threading.Event()
-    busy.worker.submit_call(lambda cancelled: release.wait(30))
+    busy.worker.submit_call(lambda cancelled: release.wait(120))
     _wait_until(lambda: busy.worker.running == 1)
     yield busy, release
     release.set()
 
 
-def _wait_until(condition, timeout=10.0):
+def _wait_until(condition, timeout=60.0):  # generous: the machine may be busy
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
@@ -124,7 +124,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_timeout_frees_the_slot(blo
     status, headers, reply = http("POST", f"{busy.url}/v1/images/generations", {"prompt": "x"})
     _assert_error(status, reply, 503, "queue is full")
     assert headers.get("retry-after") == "1"
-    waiting.join(10)  # the waiting request times out (1.5 s) and gives its slot back
+    waiting.join(120)  # the waiting request times out (1.5 s) and gives its slot back
     _assert_error(*results["first"][::2], 503, "timed out")
     assert busy.worker.waiting == 0
     release.set()
@@ -132,9 +132,10 @@ def test_a_full_queue_is_a_503_with_retry_after_and_a_timeout_frees_the_slot(blo
     assert http("POST", f"{busy.url}/v1/chat/completions", {**RED, "max_tokens": 2})[0] == 200
 
 
+@pytest.mark.parametrize("blocked", [300.0], indirect=True)  # a timeout that cannot be what frees it
 def test_a_client_that_disconnects_frees_its_slot(blocked):
     busy, release = blocked
     with pytest.raises(OSError):  # the client gives up after 0.3 s
         http("POST", f"{busy.url}/v1/images/generations", {"prompt": "x"}, timeout=0.3)
-    _wait_until(lambda: busy.worker.waiting == 0, timeout=1.0)  # well before the 1.5 s timeout
-    assert busy.worker.stats.cancelled >= 1
+    _wait_until(lambda: busy.worker.waiting == 0)
+    assert busy.worker.stats.cancelled == 1 and busy.worker.running == 1  # still busy: the slot came back

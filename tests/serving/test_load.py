@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,8 @@ def test_a_small_queue_rejects_cleanly_and_answers_the_rest_correctly(bench, sta
     specs, references = load
     small = start_server(max_queue=4, batching=False)
     release = threading.Event()
-    small.worker.submit_call(lambda cancelled: release.wait(30))  # busy: the queue fills at once
-    threading.Timer(1.0, release.set).start()
+    small.worker.submit_call(lambda cancelled: release.wait(120))  # busy until the queue overflows
+    threading.Thread(target=lambda: (_wait_until(lambda: small.worker.stats.rejected > 0), release.set())).start()
     summary = bench.load_test(small.url, model, specs, references)
     assert summary["problems"] == [] and summary["errors"] == 0
     assert summary["rejected"] > 0 and summary["answered"] >= 4
@@ -56,10 +57,16 @@ def test_batches_form_only_from_compatible_requests(start_server, model):
 
     paused = start_server()
     release = threading.Event()
-    paused.worker.submit_call(lambda cancelled: release.wait(30))
+    paused.worker.submit_call(lambda cancelled: release.wait(120))
     jobs = [paused.worker.submit_images(ImageWork("a red circle", n, seed, steps, 1.6, "ddim"))
             for n, seed, steps in ((1, 1, STEPS), (2, 2, STEPS), (1, 3, STEPS + 1))]
     release.set()
-    results = [job.future.result(30) for job in jobs]
+    results = [job.future.result(120) for job in jobs]
     assert [len(images) for images in results] == [1, 2, 1]
     assert paused.worker.stats.batches == 2 and paused.worker.stats.largest_batch == 2
+
+
+def _wait_until(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
