@@ -11,7 +11,9 @@ fixed number of requests, each with a timeout, and the script stops by itself.
 Checks, for each configuration: every request is answered or cleanly rejected (an OpenAI-shaped
 503); every answer equals what the model gives for that request alone (images within 1/255 per
 channel, text exactly), so nothing was lost or crossed between requests in a batch; /health
-still answers ok afterwards. Reports p50/p95 latency and requests per second.
+still answers ok afterwards. Reports p50/p95 latency and requests per second, and the CPU
+seconds the whole process (server and client threads) used: on a machine shared with other
+jobs, wall times include waiting for a core, CPU seconds do not.
 """
 
 from __future__ import annotations
@@ -119,9 +121,9 @@ def load_test(url: str, model, specs: list[dict], references: list | None = None
     from urllib.request import urlopen
 
     references = references if references is not None else [reference(model, spec) for spec in specs]
-    load_before = os.getloadavg()[0]
+    load_before, cpu_before = os.getloadavg()[0], time.process_time()
     results, wall = fire(url, specs)
-    load_after = os.getloadavg()[0]
+    load_after, cpu = os.getloadavg()[0], time.process_time() - cpu_before
     with urlopen(f"{url}/health", timeout=10) as response:
         healthy = response.status == 200
     answered = sorted(r["seconds"] for r in results if r["outcome"] == "answered")
@@ -130,7 +132,7 @@ def load_test(url: str, model, specs: list[dict], references: list | None = None
         "errors": sum(r["outcome"] == "error" for r in results),
         "p50": float(np.percentile(answered, 50)) if answered else float("nan"),
         "p95": float(np.percentile(answered, 95)) if answered else float("nan"),
-        "requests_per_second": len(answered) / wall, "wall": wall, "healthy": healthy,
+        "requests_per_second": len(answered) / wall, "wall": wall, "cpu": cpu, "healthy": healthy,
         "problems": problems(specs, results, references), "load": (load_before, load_after),
     }
 
@@ -206,13 +208,13 @@ def render(rows: list[dict], args, model_name: str, model) -> str:
         f"{args.steps} DDIM steps, guidance 1.6, queue {args.max_queue}; torch {torch.__version__}, "
         f"{args.threads} torch thread(s), {os.cpu_count()} CPUs ({platform.machine()}).",
         "",
-        "| batching | run | answered | rejected | errors | p50 s | p95 s | req/s | sampler calls for images | largest batch | lost/crossed | healthy after | load avg before → after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batching | run | answered | rejected | errors | p50 s | p95 s | req/s | CPU s (process) | sampler calls for images | largest batch | lost/crossed | healthy after | load avg before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {'on' if r['batching'] else 'off'} | {r['repeat']} | {r['answered']} | {r['rejected']} | {r['errors']} | "
-            f"{r['p50']:.2f} | {r['p95']:.2f} | {r['requests_per_second']:.2f} | {r['batches']} | {r['largest']} | "
+            f"{r['p50']:.2f} | {r['p95']:.2f} | {r['requests_per_second']:.2f} | {r['cpu']:.1f} | {r['batches']} | {r['largest']} | "
             f"{len(r['problems'])} | {'yes' if r['healthy'] else 'NO'} | {r['load'][0]:.1f} → {r['load'][1]:.1f} |"
         )
     return "\n".join(lines) + "\n"

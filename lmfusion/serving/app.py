@@ -153,7 +153,7 @@ class Routes:
         limit = body.max_completion_tokens or body.max_tokens
         if parsed.images:
             return await self._caption(body, request, parsed, limit or self.settings.caption_tokens, temperature, top_p)
-        prompt = self.engine.render_chat(parsed.messages)
+        prompt = self._check(self.engine.render_chat, parsed.messages, param="messages")
         prompt_ids = self._check(self.engine.prompt_ids, prompt, param="messages")
         if "image" in (body.modalities or []):
             return await self._interleaved(body, request, prompt, len(prompt_ids), limit or self.settings.chat_tokens,
@@ -194,8 +194,7 @@ class Routes:
         if not body.stream:
             return chat.completion(name, message, finish_reason, usage)
         completion_id = chat.new_id()
-        delta = {key: value for key, value in message.items()}
-        events = [chat.chunk(completion_id, name, delta), chat.chunk(completion_id, name, {}, finish_reason)]
+        events = [chat.chunk(completion_id, name, dict(message)), chat.chunk(completion_id, name, {}, finish_reason)]
         if body.stream_options and body.stream_options.include_usage:
             events.append({**chat.chunk(completion_id, name, {}), "choices": [], "usage": usage})
 

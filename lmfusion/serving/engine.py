@@ -57,7 +57,12 @@ class Engine:
         message is passed through exactly as written.
         """
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            # Templates predate OpenAI's "developer" role; it means what "system" did.
+            messages = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as error:  # jinja raises its own errors for orders a template refuses
+                raise ValueError(f"the model's chat template cannot render these messages: {error}") from error
         return "\n".join(message["content"] for message in messages if message["content"])
 
     # ------------------------------------------------------------------ work (worker thread)
