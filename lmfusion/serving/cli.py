@@ -89,8 +89,26 @@ def run_serve(args) -> int:
     print(f"lmfusion serve: http://{_url_host(host)}:{port}/ (model {settings.model_name!r}, {size}x{size} images); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     serve(app, sock, args.log_level, args.shutdown_timeout)
+    _finish_running_work(app.state.worker)
     print("lmfusion serve: stopped", file=sys.stderr)
     return 0
+
+
+def _finish_running_work(worker) -> None:
+    """Let a batch still running after the shutdown timeout end; a second Ctrl-C abandons it.
+
+    Leaving it to the interpreter's exit would kill a thread that is inside torch, which
+    aborts the process instead of exiting cleanly.
+    """
+    if not worker.alive:
+        return
+    print("lmfusion serve: finishing the running request (Ctrl-C again to abandon it)", file=sys.stderr, flush=True)
+    try:
+        worker.join()
+    except KeyboardInterrupt:
+        print("lmfusion serve: abandoned the running request", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def _is_loopback(host: str) -> bool:

@@ -152,6 +152,11 @@ class ModelWorker:
                 job.cancelled.set()
             self._condition.notify_all()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to end (after `begin_shutdown`, once the running batch is done)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
     def stop(self, timeout: float | None = None) -> None:
         self.begin_shutdown()
         if self._thread.is_alive():
