@@ -205,7 +205,7 @@ def render(rows: list[dict], args, model_name: str, model) -> str:
     lines = [
         f"Model: {model_name}, {model.config.image_size} px images, {model.config.tokens_per_image} image tokens; "
         f"{args.requests} concurrent requests ({images} image requests, {args.requests - images} text chats), "
-        f"{args.steps} DDIM steps, guidance 1.6, queue {args.max_queue}; torch {torch.__version__}, "
+        f"{args.steps} denoising steps (the model's own sampler), guidance 1.6, queue {args.max_queue}; torch {torch.__version__}, "
         f"{args.threads} torch thread(s), {os.cpu_count()} CPUs ({platform.machine()}).",
         "",
         "| batching | run | answered | rejected | errors | p50 s | p95 s | req/s | CPU s (process) | sampler calls for images | largest batch | lost/crossed | healthy after | load avg before → after |",

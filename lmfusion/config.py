@@ -7,12 +7,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .diffusion import check_objective
+
 # How much of the decoder layer gets a separate image copy (paper section 5.1 ablation):
 #   lmfusion  "deep separation": norms, Q/K/V, O and FFN per modality; text frozen (the paper's method)
 #   ffn_only  "shallow separation": only the FFN (and its norm) per modality; attention shared, frozen
 #   dense     "no separation": one set of weights for both modalities, all trained
 #   scratch   same architecture as lmfusion, random init, everything trained (Transfusion baseline)
 MODES = ("lmfusion", "ffn_only", "dense", "scratch")
+READOUTS = ("standardize", "plain")
 
 # A U-Net small enough for tests and smoke runs (seconds on a CPU); the one place these live.
 TINY_UNET = dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32)
@@ -32,13 +35,24 @@ class LMFusionConfig:
     latent_channels: int = 3
     latent_size: int = 64
     patch_size: int = 8  # latent cells per patch side; the down block downsamples by this factor
+    # How the up block reads the transformer's final image states: "standardize" (per-dimension
+    # running mean/std, so the few massive constant dims the copied layers carry cannot swamp the
+    # rest; docs/image_learning.md) or "plain" (the final norm's output as it is).
+    readout: str = "standardize"
     unet_channels: int = 128
     unet_norm_groups: int = 32
     time_embed_dim: int = 256
 
-    # Diffusion (Transfusion): cosine schedule, 1,000 steps, epsilon target, loss weight 5.
+    # Image objective (lmfusion.diffusion): "flow" (rectified flow, the default: measured to make the
+    # model read its prompt, docs/image_learning.md) or the paper's DDPM "eps" (Transfusion: cosine
+    # schedule, 1,000 steps), or "v". timestep_sampling "" = the objective's own default.
+    objective: str = "flow"
+    timestep_sampling: str = ""
+    # flow: SD3's shift of the noise levels; > 1 trains (and samples) more at high noise, where only
+    # the prompt says what the image holds (10: measured to make the prompt matter, docs/image_learning.md)
+    timestep_shift: float = 10.0
     num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
+    beta_schedule: str = "squaredcos_cap_v2"  # eps / v only
     diffusion_loss_weight: float = 5.0
 
     boi_token: str = "<|begin_of_image|>"
@@ -49,6 +63,11 @@ class LMFusionConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.image_init not in ("text", "random"):
             raise ValueError(f"image_init must be 'text' or 'random', got {self.image_init!r}")
+        check_objective(self.objective, self.timestep_sampling or None)
+        if self.objective != "flow" and self.timestep_shift != 1.0:
+            self.timestep_shift = 1.0  # the shift is a flow setting; DDPM schedules have none
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.patch_size & (self.patch_size - 1):
@@ -75,7 +94,8 @@ class LMFusionConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown LMFusionConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        # Configs saved before these fields existed: the paper's eps objective, a plain readout.
+        return cls(**{"objective": "eps", "readout": "plain", "timestep_shift": 1.0, **data})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

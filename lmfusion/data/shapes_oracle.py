@@ -161,6 +161,16 @@ def parse_shapes_image(image: torch.Tensor | Image.Image | np.ndarray,
     return sorted(found, key=lambda obj: -obj.area)
 
 
+def white_fraction(image: torch.Tensor | Image.Image | np.ndarray, tolerance: float = 40.0) -> float:
+    """Share of pixels within ``tolerance`` (RGB distance, 0..255 scale) of the white background."""
+    rgb = _as_rgb_array(image)
+    return float((np.sqrt(((rgb - np.array(BACKGROUND, dtype=np.float64)) ** 2).sum(-1)) < tolerance).mean())
+
+
+# A shapes image is mostly background: one large shape covers under 8% of it, two under 16%.
+WHITE_BACKGROUND_MIN = 0.6
+
+
 def relation_holds(subject: DetectedObject | dict, other: DetectedObject | dict, relation: str,
                    margin: float = 0.1) -> bool:
     """Does ``subject <relation> other`` hold, along the dominant axis, by at least ``margin``?"""
@@ -219,6 +229,12 @@ def score_caption_faithfulness(image: torch.Tensor | Image.Image | np.ndarray,
         result[attribute] = sum(hits) / len(expected)
     result["position"] = float(_position_ok(expected, matched, relation))
     result["count"] = float(len(detected) == len(expected))
+    # The plainest test of a generated image: a white background, and its largest blobs in the
+    # prompted colours (not the best of many spurious blobs, which the attribute scores allow).
+    largest = sorted(obj.colour for obj in detected[: len(expected)])
+    result["white_background"] = float(white_fraction(image) >= WHITE_BACKGROUND_MIN)
+    result["colour_on_white"] = float(result["white_background"] == 1.0 and
+                                      largest == sorted(obj["colour"] for obj in expected))
     result["n_detected"] = len(detected)
     result["all_correct"] = all(result[key] == 1.0 for key in
                                 ("shape", "colour", "size", "position", "count"))

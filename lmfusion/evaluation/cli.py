@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="caption dataset (DATA/train + DATA/test, e.g. `lmfusion data shapes`)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/STEP, or MODEL-eval)")
     p.add_argument("--n", type=int, default=64, help="test images to caption and captions to generate from (default 64)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps per generated image (default 20)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per generated image (default 20; the model's own sampler)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance; 1 = none (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)

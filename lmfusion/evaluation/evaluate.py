@@ -39,7 +39,7 @@ class EvalSettings:
     n: int = 64  # test images captioned, and test captions turned into images
     steps: int = 20  # DDIM denoising steps
     guidance: float = 1.0  # classifier-free guidance (1 = none, the paper's "FID without CFG")
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the objective's default sampler
     seed: int = 0
     batch_size: int = 16
     max_new_tokens: int = 32
@@ -109,6 +109,7 @@ def evaluate_checkpoint(
     model = LMFusionModel.from_pretrained(model_dir, base_model=settings.base_model).to(device).eval()
     codec = get_codec(model)
     codec = codec.to(device) if hasattr(codec, "to") else codec
+    settings.scheduler = settings.scheduler or model.objective.default_sampler
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model": weights_fingerprint(model_dir),

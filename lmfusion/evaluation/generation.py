@@ -16,7 +16,7 @@ import torch
 from .feature_net import TrainedFeatureNet
 from .fid import fid_from_features
 
-ORACLE_KEYS = ("shape", "colour", "size", "position", "count", "all_correct")
+ORACLE_KEYS = ("shape", "colour", "size", "position", "count", "all_correct", "white_background", "colour_on_white")
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def generate_images(
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 1.0,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     batch_size: int = 16,
     codec=None,
 ) -> torch.Tensor:
@@ -40,7 +40,7 @@ def generate_images(
     from ..sampling.image import check_sampling_args, decode_latents, denoise, prompt_tokens
     from ..sampling.text import Context
 
-    check_sampling_args(steps, guidance_scale, 1, scheduler)
+    check_sampling_args(steps, guidance_scale, 1, scheduler, model.config.objective)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])

@@ -161,7 +161,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         f"Setup: base `{meta['base_model']}`, shapes data `{meta['data']}`, {s['image_size']} px pixel codec, "
         f"{s['patch_size']} px patches, batch {s['batch_size']}, lr {s['lr']} cosine to {s['min_lr']}, "
         f"LMFusion {s['steps']} steps = budget {meta['budget_flops']:.3e} FLOPs (measured; see lmfusion/evaluation/flops.py). "
-        f"Evaluation: {s['eval_n']} test images / captions, {s['eval_steps']} DDIM steps, no CFG, one seed.", "",
+        f"Evaluation: {s['eval_n']} test images / captions, {s['eval_steps']} denoising steps, no CFG, one seed.", "",
         "## Table 1 at small scale", "", *table1(runs, meta["budget_flops"]), "",
         f"Blind-captioner CIDEr (the best single test caption said for every image): {_num(blind, 1)}; "
         "a CIDEr at or below it shows no use of the image. "

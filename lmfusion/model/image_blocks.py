@@ -73,6 +73,11 @@ class ImageUpBlock(nn.Module):
         super().__init__()
         ch = config.unet_channels
         self.side = config.patches_per_side
+        # Per-dimension standardisation over all image tokens of the batch (running statistics at
+        # inference): the copied layers keep a few huge, nearly constant "massive activation" dims
+        # on every image token, and after the final RMSNorm they leave the informative dims ~1% of
+        # the vector. Centring and scaling each dim separately gives those dims back their weight.
+        self.standardize = nn.BatchNorm1d(hidden_size) if config.readout == "standardize" else None
         self.from_tokens = nn.Conv2d(hidden_size, ch, kernel_size=1)
         levels = int(math.log2(config.patch_size))
         self.merge = _resnet(2 * ch, ch, config)
@@ -87,6 +92,8 @@ class ImageUpBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]
         skips = list(skips)
+        if self.standardize is not None:
+            hidden = self.standardize(hidden.reshape(-1, hidden.shape[-1]).float()).to(hidden.dtype).view_as(hidden)
         h = self.from_tokens(hidden.transpose(1, 2).reshape(n, -1, self.side, self.side))
         h = self.merge(torch.cat([h, skips.pop()], dim=1), temb)
         for up, resnet in zip(self.upsamplers, self.resnets):

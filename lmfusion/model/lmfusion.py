@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..base_models import load_text_model, weights_hash
 from ..config import LMFusionConfig
-from ..diffusion import per_image_mse, sample_timesteps, training_scheduler
+from ..diffusion import DiffusionObjective, per_image_mse
 from ..sampling import SamplingMixin
 from ..utils import atomic_directory
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
@@ -54,7 +54,7 @@ class LossOutput:
 @dataclass
 class LMFusionOutput:
     logits: torch.Tensor | None  # [B, L, V + 2] (zeros at image positions) or [M, V + 2] when selected
-    noise_pred: torch.Tensor | None  # [N_images, C, H, W]
+    noise_pred: torch.Tensor | None  # [N_images, C, H, W]: the objective's prediction (velocity for flow, noise for eps)
     cache: Cache | None = None
 
 
@@ -103,7 +103,8 @@ class LMFusionModel(SamplingMixin, nn.Module):
             self.special_embed.weight.copy_(text_model.get_input_embeddings().weight.mean(0).expand(2, -1))
             self.special_head.weight.copy_(text_model.get_output_embeddings().weight.mean(0).expand(2, -1))
         self.gradient_checkpointing = False
-        self.noise_scheduler = training_scheduler(config.num_train_timesteps, config.beta_schedule)
+        self.objective = DiffusionObjective(config.objective, config.num_train_timesteps, config.beta_schedule,
+                                            config.timestep_sampling or None, config.timestep_shift)
         self.tokenizer = None if tokenizer is None else self._prepare_tokenizer(tokenizer)
 
     def _prepare_tokenizer(self, tokenizer):
@@ -341,13 +342,14 @@ class LMFusionModel(SamplingMixin, nn.Module):
         """
         forward = forward or self
         wants, labels = batch.text_targets()
-        noisy = timesteps = noise = None
+        noisy = timesteps = target = None
         n_images = 0 if batch.latents is None else batch.latents.shape[0]
         if n_images:
             latents = batch.latents
-            timesteps = sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
+            timesteps = self.objective.sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            noisy = self.objective.add_noise(latents, noise, timesteps)
+            target = self.objective.target(latents, noise, timesteps)
         out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants)
         zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=self.device)
         text = (
@@ -355,7 +357,7 @@ class LMFusionModel(SamplingMixin, nn.Module):
             if labels.numel()
             else zero
         )
-        image = per_image_mse(out.noise_pred, noise).sum() if n_images else zero
+        image = per_image_mse(out.noise_pred, target).sum() if n_images else zero
         return LossSums(text, image, int(labels.numel()), n_images)
 
     def loss(self, batch: MultimodalBatch, generator: torch.Generator | None = None) -> LossOutput:
@@ -369,6 +371,14 @@ class LMFusionModel(SamplingMixin, nn.Module):
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    # Modules with no counterpart in the base LM: they start from scratch (and may need a higher
+    # learning rate than the copied layers, which start from pretrained weights).
+    FRESH_MODULES = ("time_embed", "image_in", "image_out", "special_embed", "special_head")
+
+    def is_fresh(self, name: str) -> bool:
+        """Whether the parameter `name` belongs to a freshly initialised module."""
+        return name.split(".", 1)[0] in self.FRESH_MODULES
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the frozen base model (all weights in dense/scratch modes)."""

@@ -38,7 +38,7 @@ class SamplingMixin:
     """`model.generate_image / caption / generate_interleaved / generate_text` (see the functions)."""
 
     def generate_image(self, prompt, steps: int = 50, guidance_scale: float = 1.6, seed: int | None = None,
-                       scheduler: str = "ddim", n: int = 1, **options):
+                       scheduler: str | None = None, n: int = 1, **options):
         """n images per prompt as a list of PIL images (lmfusion.sampling.image.generate_image)."""
         from .image import generate_image
 

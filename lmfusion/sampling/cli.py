@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..utils import atomic_write_bytes
 
-SCHEDULERS = ("ddim", "ddpm")
+from ..diffusion import SAMPLER_NAMES as SCHEDULERS
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,8 @@ def _add_model_args(parser) -> None:
 def _add_diffusion_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=1.6, help="classifier-free guidance scale; 1 = none (default 1.6)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                        help="sampler (default: the model's: euler for flow models, ddim for eps/v models)")
 
 
 def _add_decoding_args(parser, max_new_tokens: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..codecs.registry import latent_clip
-from ..diffusion import sampling_scheduler
+from ..diffusion import check_sampler
 from .text import Context, encode_text, max_positions
 
 _CODECS: WeakKeyDictionary = WeakKeyDictionary()
@@ -91,14 +91,15 @@ def max_prompt_tokens(model) -> int:
     return max_positions(model) - model.config.tokens_per_image - 2
 
 
-def check_sampling_args(steps: int, guidance_scale: float, n: int = 1, scheduler: str = "ddim") -> None:
+def check_sampling_args(steps: int, guidance_scale: float, n: int = 1, scheduler: str | None = None,
+                        objective: str | None = None) -> None:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    sampling_scheduler(scheduler)  # raises ValueError naming the choices
+    check_sampler(scheduler, objective)  # raises ValueError naming the choices
 
 
 # ---------------------------------------------------------------------- the sampler
@@ -126,7 +127,7 @@ def denoise(
     generators: list[torch.Generator],
     steps: int,
     guidance_scale: float,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Run the reverse diffusion for N images; returns clean latents [N, C, h, w] (fp32).
@@ -138,22 +139,25 @@ def denoise(
     config = model.config
     n = len(generators)
     clip = latent_clip(config.codec["name"])
-    sampler = sampling_scheduler(scheduler, config.num_train_timesteps, config.beta_schedule, clip)
+    sampler = model.objective.sampler(scheduler, clip=clip)
+    clip_flow = clip is not None and model.objective.name == "flow"
     sampler.set_timesteps(steps)
     shape = (1, config.latent_channels, config.latent_size, config.latent_size)
-    latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * sampler.init_noise_sigma
+    latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * getattr(sampler, "init_noise_sigma", 1.0)
     total = sum(b.rows for b in branches)
     if total not in (n, 2 * n):
         raise ValueError(f"branches hold {total} rows; {n} images need {n} (no guidance) or {2 * n}")
     guided = total == 2 * n
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress, leave=False):
-        x = sampler.scale_model_input(latents, t)
+        x = sampler.scale_model_input(latents, t) if hasattr(sampler, "scale_model_input") else latents
         rows = torch.cat([x, x]) if guided else x
-        eps = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])
+        prediction = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])
         if guided:
-            cond, uncond = eps.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        latents = sampler.step(eps, t, latents, generator=generators).prev_sample
+            cond, uncond = prediction.chunk(2)
+            prediction = uncond + guidance_scale * (cond - uncond)
+        if clip_flow:
+            prediction = model.objective.clip_prediction(latents, prediction, t, clip)
+        latents = sampler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
 
 
@@ -165,7 +169,7 @@ def sample_latents(
     steps: int = 50,
     guidance_scale: float = 1.6,
     seed: int | Sequence[int] | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     allow_empty: bool = False,
     cache_prefix: bool = True,
     batch_cfg: bool = True,
@@ -182,7 +186,7 @@ def sample_latents(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
-    check_sampling_args(steps, guidance_scale, n, scheduler)
+    check_sampling_args(steps, guidance_scale, n, scheduler, model.config.objective)
     tokens = [prompt_tokens(model, p, allow_empty) for p in prompts]
     unconditional = [model.boi_token_id]
     guided = guidance_scale != 1 and any(t != unconditional for t in tokens)
@@ -205,7 +209,7 @@ def generate_image(
     steps: int = 50,
     guidance_scale: float = 1.6,
     seed: int | Sequence[int] | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     n: int = 1,
     allow_empty: bool = False,
     output: str = "pil",

@@ -31,7 +31,7 @@ class InterleavedSession:
         seed: int | None = None,
         steps: int = 50,
         guidance_scale: float = 1.6,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         progress: bool = True,
         codec=None,
     ):

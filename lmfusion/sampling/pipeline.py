@@ -56,7 +56,7 @@ class LMFusionPipeline:
         return cls(load_model(path, device, dtype))
 
     def generate_image(self, prompt, steps: int = 50, guidance_scale: float = 1.6, seed: int | None = None,
-                       scheduler: str = "ddim", n: int = 1, **options):
+                       scheduler: str | None = None, n: int = 1, **options):
         return generate_image(self.model, prompt, steps, guidance_scale, seed, scheduler, n, codec=self.codec, **options)
 
     def caption(self, image, **options):

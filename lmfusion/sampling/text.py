@@ -227,8 +227,8 @@ def _interleave_images(images: list[list[torch.Tensor]], new: torch.Tensor) -> t
 def _interleave_timesteps(images: list[list[torch.Tensor]], timesteps: torch.Tensor) -> torch.Tensor:
     parts = []
     for row, old in enumerate(images):
-        parts.append(torch.zeros(len(old), dtype=torch.long, device=timesteps.device))
-        parts.append(timesteps[row : row + 1].long())
+        parts.append(torch.zeros(len(old), dtype=timesteps.dtype, device=timesteps.device))  # clean context images
+        parts.append(timesteps[row : row + 1])  # flow timesteps are fractional: keep them as they are
     return torch.cat(parts)
 
 

@@ -46,7 +46,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
     guidance_scale: float = 1.6
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
     chat_tokens: int = 256
     max_images: int = 4
@@ -132,7 +132,7 @@ class Routes:
             body.prompt, body.n, seed,
             body.steps or self.settings.steps,
             body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale,
-            body.scheduler or self.settings.scheduler,
+            self._scheduler(body.scheduler),
         )
         images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
         image_format = body.output_format or "png"
@@ -180,7 +180,7 @@ class Routes:
     async def _interleaved(self, body, request, prompt, prompt_tokens, limit, temperature, top_p):
         steps = body.steps or self.settings.steps
         guidance = body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale
-        scheduler = body.scheduler or self.settings.scheduler
+        scheduler = self._scheduler(body.scheduler)
         max_images = body.max_images if body.max_images is not None else self.settings.max_images
         job = self._submit(lambda: self.worker.submit_call(lambda cancelled: self.engine.interleaved(
             prompt, limit, max_images, temperature, top_p, body.seed, steps, guidance, scheduler)))
@@ -247,6 +247,12 @@ class Routes:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # ------------------------------------------------------------------ plumbing
+    def _scheduler(self, requested: str | None) -> str | None:
+        """The request's scheduler (else the server's default), if it fits the model: else 400."""
+        scheduler = requested or self.settings.scheduler
+        self._check(self.engine.check_scheduler, scheduler, param="scheduler")
+        return scheduler
+
     @staticmethod
     def _check(function, value, param: str):
         try:

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB; larger gets 413 (default 16)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps when a request does not say (default 50)")
     p.add_argument("--guidance", type=float, default=1.6, help="guidance scale when a request does not say (default 1.6)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="scheduler when a request does not say")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="sampler when a request does not say (default: the one of the model's objective)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
     p.set_defaults(func=run_serve)
@@ -78,11 +79,13 @@ def run_serve(args) -> int:
               file=sys.stderr)
     import torch
 
+    from ..sampling.image import check_sampling_args
     from ..sampling.pipeline import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, args.device)
+    check_sampling_args(args.steps, args.guidance, 1, args.scheduler, getattr(model.config, "objective", None))
     app = create_app(model, settings)
     host, port = sock.getsockname()[:2]
     size = model.config.image_size

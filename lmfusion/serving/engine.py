@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling.image import generate_image, get_codec, prompt_tokens
+from ..sampling.image import check_sampling_args, generate_image, get_codec, prompt_tokens
 from ..sampling.interleaved import InterleavedSession
 from ..sampling.text import caption, eos_ids, iter_text_ids, max_positions
 from .worker import ImageWork
@@ -40,6 +40,10 @@ class Engine:
     def check_image_prompt(self, prompt: str) -> None:
         """Raises ValueError naming the problem (empty, or too many tokens for the model)."""
         prompt_tokens(self.model, prompt)
+
+    def check_scheduler(self, scheduler: str | None) -> None:
+        """Raises ValueError unless `scheduler` (None = the default) fits the model's objective."""
+        check_sampling_args(1, 1.0, 1, scheduler, getattr(self.model.config, "objective", None))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids `generate_text` feeds the model for `prompt` (the tokenizer's defaults)."""

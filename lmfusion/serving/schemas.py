@@ -12,12 +12,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..diffusion import SAMPLER_NAMES as SCHEDULERS  # which of them fit depends on the model's objective
+
 MAX_IMAGES_PER_REQUEST = 10  # OpenAI's own limit for n
 MAX_PROMPT_CHARS = 32_000  # a cheap first cut; the token limit of the model is checked after
 MAX_NEW_TOKENS = 4096
 MAX_STEPS = 1000
 MAX_SEED = 2**31 - 1 - MAX_IMAGES_PER_REQUEST  # image k of a request uses seed + k
-SCHEDULERS = ("ddim", "ddpm")
 
 
 class _Request(BaseModel):

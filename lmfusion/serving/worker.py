@@ -40,7 +40,7 @@ class ImageWork:
     seed: int
     steps: int
     guidance_scale: float
-    scheduler: str
+    scheduler: str | None  # None: the model's own
 
     @property
     def batch_key(self) -> tuple:

@@ -39,6 +39,7 @@ class TrainConfig:
     # ---- data
     data: str = "data/shapes"
     generate_shapes: int = 0  # > 0: create a shapes dataset of this many images at `data` if missing
+    shapes_two_object_prob: float = 0.5  # share of generated shapes scenes with two objects (else one)
     max_text_tokens: int = 64
     image_first_ratio: float = 0.2  # paper: caption before image 80%, image before caption 20%
     caption_dropout: float = 0.1  # caption-first examples whose caption becomes "" (CFG unconditional)
@@ -50,8 +51,9 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8  # examples per optimizer step, over all processes
     micro_batch_size: int = 0  # examples per forward pass and process (0 = batch_size / world size)
-    lr: float = 1e-4
+    lr: float = 1e-4  # the copied image layers (paper: eta_img = 1e-4)
     min_lr: float = 1.5e-5  # cosine decay floor
+    fresh_lr_scale: float = 1.0  # lr multiplier for fresh modules (U-Net in/out, timestep MLP, BOI/EOI rows)
     warmup_steps: int = 100
     weight_decay: float = 0.1  # matrices only
     beta1: float = 0.9
@@ -72,6 +74,8 @@ class TrainConfig:
     )
     sample_steps: int = 50
     sample_cfg: float = 3.0
+    probe_every: int = 50  # conditioning probes (prompt gain, stack dependence; lmfusion.model.probes); 0 = off
+    probe_images: int = 16
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -87,12 +91,14 @@ class TrainConfig:
             (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
             (0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}"),
+            (self.fresh_lr_scale > 0, f"fresh_lr_scale must be positive, got {self.fresh_lr_scale}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every must be >= 0 and log_every > 0"),
+            (self.probe_every >= 0 and self.probe_images >= 1, "probe_every must be >= 0 and probe_images >= 1"),
             (isinstance(self.codec, dict) and "name" in self.codec, f"codec must be a mapping with a 'name', got {self.codec!r}"),
             (bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}"),
         ]
-        for ratio in ("image_first_ratio", "caption_dropout", "text_only_ratio"):
+        for ratio in ("image_first_ratio", "caption_dropout", "text_only_ratio", "shapes_two_object_prob"):
             value = getattr(self, ratio)
             checks.append((0.0 <= value <= 1.0, f"{ratio} must be in [0, 1], got {value}"))
         for ok, message in checks:
@@ -178,29 +184,34 @@ def read_yaml(path: str | Path) -> dict:
 # --------------------------------------------------------------------------- presets
 
 PRESETS: dict[str, dict] = {
-    # SmolLM2-135M + pixel codec at 64 px, 8x8 patches (64 tokens per image) on a generated shapes
-    # set: ~5 minutes on 2 CPU cores. It shows the loop, checkpoints, logs and samples working end
-    # to end; it does not produce a good image model (that needs thousands of steps). One thread:
-    # on a shared 2-core machine two OpenMP threads ran 5x SLOWER (benchmarks/results).
+    # The README's main job: SmolLM2-135M (frozen) + image copies of its 30 layers, the shipped
+    # TAEF2 codec (64 px -> 8x8x32 latents, 2x2 patches: 16 tokens per image), single-object
+    # shapes, the flow objective with the high-noise shift and the standardising readout. About
+    # 12 minutes on 2 CPU cores; ends in a model that draws the prompted colour on white and
+    # captions colour, shape and size (benchmarks/results/quickstart.md).
     "quickstart": dict(
         name="quickstart",
         base_model="smollm2-135m",
         image_size=64,
-        patch_size=8,
-        codec={"name": "pixel"},
-        data="data/shapes",
-        generate_shapes=2000,
-        max_steps=30,
-        batch_size=4,
-        lr=3e-4,
-        min_lr=3e-5,
-        warmup_steps=5,
-        threads=1,
-        log_every=5,
-        checkpoint_every=15,
+        patch_size=2,
+        codec={"name": "taef2"},
+        data="data/shapes_single",
+        generate_shapes=4000,
+        shapes_two_object_prob=0.0,
+        image_first_ratio=0.5,  # paper 0.2; at 300 steps captioning needs more image-first examples
+        max_steps=300,
+        batch_size=16,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=20,
+        threads=2,
+        log_every=25,
+        checkpoint_every=100,
         keep_checkpoints=2,
-        sample_every=30,
-        sample_steps=10,
+        sample_every=100,
+        sample_steps=20,
+        sample_prompts=["a small red circle", "a large blue square", "a large green triangle", "a small yellow square"],
+        probe_every=50,
     ),
     # Tiny images and U-Net for smoke tests; pair it with a tiny base LM
     # (lmfusion.testing.save_tiny_base) via --base-model for runs of a few seconds.
@@ -244,7 +255,7 @@ def parse_value(text: str) -> Any:
 # Fields a resumed run may change: they do not alter what the next optimizer step computes
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                     "sample_prompts", "sample_steps", "sample_cfg", "progress", "threads", "latent_cache",
+                     "sample_prompts", "sample_steps", "sample_cfg", "progress", "probe_every", "probe_images", "threads", "latent_cache",
                      "runs_dir", "generate_shapes"}
 
 

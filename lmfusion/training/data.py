@@ -38,7 +38,7 @@ def ensure_dataset(config) -> None:
         from ..data import generate_shapes_dataset
 
         generate_shapes_dataset(config.data, config.generate_shapes, size=config.image_size, seed=0,
-                                progress=config.progress, split=True)
+                                progress=config.progress, split=True, two_object_prob=config.shapes_two_object_prob)
 
 
 # --------------------------------------------------------------------------- latent cache
@@ -155,6 +155,30 @@ def load_or_encode(data: str, image_size: int, codec, cache_dir: str = "", progr
         encoded.cache_path = path
         drop_superseded(path, meta)
     return encoded
+
+
+def probe_records(data: str, image_size: int, codec, n: int) -> tuple[torch.Tensor, list[str], str]:
+    """Up to n (latents, captions) for the conditioning probes, and where they came from.
+
+    The held-out split (DATA/test, as `lmfusion data shapes` writes it) when there is one, so the
+    probes measure what the model does on images it never trained on; else the first training
+    records.
+    """
+    from ..data import open_caption_dataset
+
+    test = Path(data) / "test"
+    source = test if (test / "metadata.jsonl").is_file() else Path(data)
+    dataset = open_caption_dataset(str(source), image_size)
+    records = iter(dataset) if not hasattr(dataset, "__len__") else (dataset[i] for i in range(len(dataset)))
+    images, captions = [], []
+    for record in records:
+        images.append(record.image)
+        captions.append(record.caption)
+        if len(images) == n:
+            break
+    with torch.no_grad():
+        latents = codec.encode(torch.stack(images)).float().cpu()
+    return latents, captions, "held-out test split" if source == test else "first training records"
 
 
 def drop_superseded(path: Path, meta: dict[str, str]) -> list[Path]:

@@ -27,7 +27,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode
+from ..model.probes import image_probes
+from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode, probe_records
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, no_sync, shutdown, wrap_model
 
 
@@ -57,12 +58,20 @@ def build_model(config: TrainConfig, codec=None):
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (and conv kernels), never on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    """AdamW; weight decay only on matrices (and conv kernels), never on norms and biases.
+
+    Freshly initialised modules (U-Net blocks, timestep MLP, BOI/EOI rows) train at
+    lr x fresh_lr_scale; the layers copied from the base LM at lr (the paper's eta_img).
+    """
+    groups = []
+    for fresh in (False, True):
+        params = [p for name, p in model.named_parameters() if p.requires_grad and model.is_fresh(name) == fresh]
+        lr = config.lr * (config.fresh_lr_scale if fresh else 1.0)
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
@@ -168,6 +177,10 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         log.say(f"{trainable / 1e6:.1f}M trainable parameters; {info.world_size} process(es) x {accum} "
                 f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}")
 
+        probes = None
+        if config.probe_every and info.is_main:
+            probes = probe_records(config.data, config.image_size, codec, config.probe_images)
+            log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
         history, first_step = [], step
         progress = log.progress(config, step)
         while step < config.max_steps:
@@ -176,6 +189,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             step += 1
             metrics.update(step=step, step_time=time.time() - tick)
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+            if probes is not None and (step % config.probe_every == 0 or step == config.max_steps):
+                metrics.update(log.probes(image_probes(model, probes[0], probes[1], seed=config.seed), step))
             history.append(metrics)
             log.step(metrics, progress, every=config.log_every)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps:
@@ -287,6 +302,16 @@ class RunLog:
             self.say(f"step {step}: loss {metrics['loss']:.4f} text {metrics['text_loss']:.4f} image "
                      f"{metrics['image_loss']:.4f} lr {metrics['lr']:.2e} grad {metrics['grad_norm']:.2f} "
                      f"{metrics['tokens_per_s']:.0f} tok/s")
+
+    def probes(self, values: dict, step: int) -> dict:
+        """Whether the image path listens to its prompt (lmfusion.model.probes), in the log and TensorBoard."""
+        if not self.enabled:
+            return {}
+        for key, value in values.items():
+            self.writer.add_scalar(f"probes/{key}", value, step)
+        gains = " ".join(f"{band} {values[f'prompt_gain/{band}']:+.3f}" for band in ("low", "mid", "high"))
+        self.say(f"step {step}: prompt gain {gains}; stack dependence {values['stack_dependence']:.3f}")
+        return {f"probe/{k}": v for k, v in values.items()}
 
     def close(self) -> None:
         for handle in (self.writer, self.log_file, self.metrics_file):

@@ -150,9 +150,23 @@ def test_taef2_missing_files_error_names_the_file(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="taef2_encoder.pth"):
         TAEF2Codec.from_pretrained(tmp_path)
-    monkeypatch.delenv("LMFUSION_TAEF2", raising=False)
-    with pytest.raises(FileNotFoundError, match="LMFUSION_TAEF2"):
+    monkeypatch.setenv("LMFUSION_TAEF2", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
         load_codec("taef2")
+
+
+def test_taef2_shipped_weights_are_the_default_and_stay_portable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package ships the MIT-licensed weights: no path, no env var, no download needed."""
+    from lmfusion.codecs.taef2 import VENDORED
+
+    monkeypatch.delenv("LMFUSION_TAEF2", raising=False)
+    codec = load_codec("taef2")
+    assert codec.config() == {"name": "taef2", "path": None}  # no install folder in checkpoints
+    assert (VENDORED / "LICENSE").is_file() and (VENDORED / "README.md").is_file()
+    shared = REPO_ROOT.parent / "shared" / "taef2"
+    if shared.is_dir():  # the vendored files are the upstream ones, byte for byte
+        for name in TAEF2_FILES:
+            assert (VENDORED / name).read_bytes() == (shared / name).read_bytes()
 
 
 def test_taef2_state_dict_matches_checkpoint_exactly(taef2_dir: Path) -> None:

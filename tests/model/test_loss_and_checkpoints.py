@@ -37,25 +37,37 @@ def test_text_targets_skip_boi_and_image_positions(model):
     assert batch.max_timesteps.tolist() == [1000, IMAGE_FIRST_MAX_TIMESTEP]
 
 
-def test_loss_parts_match_their_definitions(model):
+@pytest.mark.parametrize("objective", ["flow", "eps", "v"])
+def test_loss_parts_match_their_definitions(tiny_base, objective):
+    config = tiny_lmfusion_config(str(tiny_base))
+    config.objective = objective
+    model = LMFusionModel.from_text_model(str(tiny_base), config)
+    torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
     batch = _batch(model)
     out = model.loss(batch, torch.Generator().manual_seed(0))
-    # Recompute both parts by hand with the same noise draw.
+    # Recompute both parts by hand with the same draws: timesteps first, then noise.
     g = torch.Generator().manual_seed(0)
-    from lmfusion.diffusion import sample_timesteps
-
-    t = sample_timesteps(2, batch.max_timesteps, g)
+    t = model.objective.sample_timesteps(2, batch.max_timesteps, g)
     noise = torch.randn(batch.latents.shape, generator=g)
     assert t[1] < IMAGE_FIRST_MAX_TIMESTEP
-    noisy = model.noise_scheduler.add_noise(batch.latents, noise, t)
+    x0 = batch.latents
+    if objective == "flow":  # straight line from the image (s = 0) to the noise (s = 1)
+        s = (t / 1000).float().view(-1, 1, 1, 1)
+        noisy, target = (1 - s) * x0 + s * noise, noise - x0
+    else:
+        a = model.objective.ddpm.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if objective == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
     full = model(batch.input_ids, batch.image_mask, noisy, t, batch.attention_mask)
     wants, labels = batch.text_targets()
     text = torch.nn.functional.cross_entropy(full.logits[wants], labels)
-    image = ((full.noise_pred - noise) ** 2).flatten(1).mean(1).mean()
+    image = ((full.noise_pred - target) ** 2).flatten(1).mean(1).mean()
     torch.testing.assert_close(out.text_loss, text)
     torch.testing.assert_close(out.image_loss, image)
     torch.testing.assert_close(out.loss, text + 5.0 * image)
     assert out.images == 2 and out.text_tokens == labels.numel()
+    # The clean-latent estimate inverts the noising exactly when the prediction is the target.
+    torch.testing.assert_close(model.objective.clean_estimate(noisy, target, t), x0, atol=1e-4, rtol=1e-4)
 
 
 def test_text_loss_of_image_first_examples_reaches_image_kv_not_text(model):
@@ -125,14 +137,15 @@ SQUARE = torch.ones(1, 3, 16, 16)
 SQUARE[:, :, 4:12, 4:12] = -1  # a dark square on white, as pixel-codec latents in [-1, 1]
 
 
-@pytest.fixture(scope="module")
-def memorised():
+@pytest.fixture(scope="module", params=["flow", "eps"])
+def memorised(request):
     """A tiny model trained to draw one fixed image for one caption; returns (model, losses)."""
     from lmfusion.testing import tiny_text_model, tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
-    model = LMFusionModel(tiny_text_model(len(tokenizer)), tiny_lmfusion_config(), tokenizer=tokenizer)
+    config = tiny_lmfusion_config(objective=request.param)
+    model = LMFusionModel(tiny_text_model(len(tokenizer)), config, tokenizer=tokenizer)
     builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image)
     batch = builder.collate([builder.text_then_image("a square")] * 8, SQUARE.expand(8, -1, -1, -1))
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
@@ -152,7 +165,8 @@ def memorised():
 
 
 def test_image_path_learns_to_predict_noise(memorised):
-    """A fixed image: training must push the diffusion loss well below 1 (predicting 0).
+    """A fixed image: training must push the diffusion loss well below 1 (predicting 0; for flow,
+    predicting 0 costs 1 + E[x0^2]).
 
     Guards the U-Net skips: with only a patch-level bottleneck the up block cannot carry
     full-resolution noise and the loss stays at ~1.0.
@@ -171,7 +185,8 @@ def test_sampling_draws_the_memorised_image(memorised):
     from lmfusion.sampling.image import sample_latents
 
     model, _ = memorised
-    samples = sample_latents(model, "a square", n=4, steps=50, guidance_scale=1.0, seed=0, scheduler="ddpm",
+    scheduler = "ddpm" if model.config.objective == "eps" else None  # flow: its Euler sampler
+    samples = sample_latents(model, "a square", n=4, steps=50, guidance_scale=1.0, seed=0, scheduler=scheduler,
                              progress=False)
     assert samples.abs().max() <= 1.0 + 1e-5
     to_image = (samples - SQUARE).pow(2).mean()

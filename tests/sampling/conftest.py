@@ -24,9 +24,9 @@ def save_base(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def build_model(base: Path) -> LMFusionModel:
+def build_model(base: Path, **overrides) -> LMFusionModel:
     torch.manual_seed(1)
-    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base))).eval()
+    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base), **overrides)).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
         torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
@@ -41,6 +41,12 @@ def peaky_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model(peaky_base) -> LMFusionModel:
     return build_model(peaky_base)
+
+
+@pytest.fixture(scope="session")
+def eps_model(peaky_base) -> LMFusionModel:
+    """The paper's DDPM objective, for the DDIM / DDPM samplers."""
+    return build_model(peaky_base, objective="eps")
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def test_generate_n_writes_a_grid_or_numbered_files(checkpoint, tmp_path, capsys
 def test_generate_same_seed_same_file(checkpoint, tmp_path, capsys):
     for name in ("a.png", "b.png"):
         _run(capsys, "generate", "--checkpoint", checkpoint, "--prompt", "a red circle", "--out", tmp_path / name,
-             "--scheduler", "ddpm", "--seed", "3", *FAST)
+             "--seed", "3", *FAST)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 

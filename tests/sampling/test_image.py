@@ -21,18 +21,34 @@ def test_same_seed_same_image_other_seed_other_image(model):
     assert not torch.allclose(first[0], first[1])  # the n images of a prompt differ
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-def test_cached_prefix_equals_recompute_single_prompt(model, scheduler):
+SAMPLERS = [("flow", "euler"), ("eps", "ddim"), ("eps", "ddpm")]
+
+
+def _model_for(objective, model, eps_model):
+    return model if objective == "flow" else eps_model
+
+
+@pytest.mark.parametrize("objective,scheduler", SAMPLERS)
+def test_cached_prefix_equals_recompute_single_prompt(model, eps_model, objective, scheduler):
+    model = _model_for(objective, model, eps_model)
     fast = _sample(model, PROMPTS[:1], n=1, guidance_scale=1.0, scheduler=scheduler)
     slow = _sample(model, PROMPTS[:1], n=1, guidance_scale=1.0, scheduler=scheduler, cache_prefix=False)
     assert (fast - slow).abs().max() < TOL
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-def test_cached_prefix_equals_recompute_cfg_two_prompts_left_padded(model, scheduler):
+@pytest.mark.parametrize("objective,scheduler", SAMPLERS)
+def test_cached_prefix_equals_recompute_cfg_two_prompts_left_padded(model, eps_model, objective, scheduler):
+    model = _model_for(objective, model, eps_model)
     fast = _sample(model, scheduler=scheduler)
     slow = _sample(model, scheduler=scheduler, cache_prefix=False)
     assert (fast - slow).abs().max() < TOL
+
+
+def test_a_sampler_that_does_not_fit_the_objective_is_refused(model, eps_model):
+    with pytest.raises(ValueError, match="does not fit a model trained with objective 'flow'"):
+        _sample(model, scheduler="ddim")
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        _sample(eps_model, scheduler="heun")
 
 
 def test_batched_cfg_equals_two_passes(model):
@@ -73,7 +89,7 @@ def test_prompt_matters(model):
         (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
         (dict(steps=0), "steps must be >= 1"),
         (dict(n=0), "n must be >= 1"),
-        (dict(scheduler="euler"), "unknown scheduler"),
+        (dict(scheduler="heun"), "unknown scheduler"),
     ],
 )
 def test_bad_input_raises_value_error(model, options, message):

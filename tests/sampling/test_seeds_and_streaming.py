@@ -6,7 +6,7 @@ import torch
 from lmfusion.sampling.image import sample_latents
 from lmfusion.sampling.text import generate_text_ids, iter_text_ids
 
-FAST = dict(steps=2, scheduler="ddpm", progress=False)
+FAST = dict(steps=2, progress=False)
 
 
 def test_a_list_of_seeds_gives_each_image_its_own_seed(model):

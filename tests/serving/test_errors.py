@@ -34,6 +34,7 @@ def _assert_error(status, body, expected_status, fragment):
     ("images/generations", {"prompt": "x", "model": "dall-e-3"}, "unknown model"),
     ("images/generations", {"prompt": "x", "response_format": "url"}, "b64_json"),
     ("images/generations", {"prompt": "x", "steps": 0}, "steps"),
+    ("images/generations", {"prompt": "x", "scheduler": "karras"}, "scheduler"),
     ("images/generations", {}, "prompt is required"),
     ("chat/completions", {**RED, "model": "gpt-4o"}, "unknown model"),
     ("chat/completions", {"model": "lmfusion", "messages": []}, "messages"),
@@ -55,6 +56,14 @@ def _assert_error(status, body, expected_status, fragment):
 def test_bad_input_is_a_400_naming_the_problem(server, path, body, fragment):
     status, _, reply = http("POST", f"{server.url}/v1/{path}", body)
     _assert_error(status, reply, 400, fragment)
+
+
+def test_a_scheduler_that_does_not_fit_the_models_objective_is_a_400(server, model):
+    from lmfusion.diffusion import SAMPLER_NAMES, SAMPLERS
+
+    wrong = next(name for name in SAMPLER_NAMES if name not in SAMPLERS[model.config.objective])
+    status, _, reply = http("POST", f"{server.url}/v1/images/generations", {"prompt": "x", "scheduler": wrong})
+    _assert_error(status, reply, 400, "does not fit")
 
 
 def test_the_openai_client_sees_a_bad_request_error(client):

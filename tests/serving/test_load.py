@@ -58,7 +58,7 @@ def test_batches_form_only_from_compatible_requests(start_server, model):
     paused = start_server()
     release = threading.Event()
     paused.worker.submit_call(lambda cancelled: release.wait(120))
-    jobs = [paused.worker.submit_images(ImageWork("a red circle", n, seed, steps, 1.6, "ddim"))
+    jobs = [paused.worker.submit_images(ImageWork("a red circle", n, seed, steps, 1.6, None))
             for n, seed, steps in ((1, 1, STEPS), (2, 2, STEPS), (1, 3, STEPS + 1))]
     release.set()
     results = [job.future.result(120) for job in jobs]
