@@ -4,6 +4,7 @@
   train                  lmfusion.training.cli
   generate/caption/chat  lmfusion.sampling.cli
   eval                   lmfusion.evaluation.cli
+  serve                  lmfusion.serving.cli
 
 Expected failures (bad input, missing files, wrong checkpoints) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -15,7 +16,10 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("lmfusion.data.cli", "lmfusion.training.cli", "lmfusion.sampling.cli", "lmfusion.evaluation.cli")
+COMMAND_MODULES = (
+    "lmfusion.data.cli", "lmfusion.training.cli", "lmfusion.sampling.cli", "lmfusion.evaluation.cli",
+    "lmfusion.serving.cli",
+)
 # OSError covers missing/existing files, permissions and full disks: all things a user fixes.
 # KeyError is not here: a missing dict key is a bug and keeps its traceback; code that looks up
 # a user-given name raises ValueError with the choices instead.

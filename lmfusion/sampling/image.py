@@ -103,13 +103,18 @@ def check_sampling_args(steps: int, guidance_scale: float, n: int = 1, scheduler
 
 
 # ---------------------------------------------------------------------- the sampler
-def image_generators(seed: int | None, count: int) -> list[torch.Generator]:
-    """One RNG per image, image j seeded with seed + j.
+def image_generators(seed: int | Sequence[int] | None, count: int) -> list[torch.Generator]:
+    """One RNG per image, image j seeded with seed + j (or with seed[j] when given a list).
 
     Per-image RNGs make an image depend only on its prompt and its own seed, not on what else
     is in the batch: image j of `generate_image(model, prompts, seed=s)` (prompt-major) equals
     `generate_image(model, prompt_of_j, seed=s + j)`, and different images never share noise.
+    A list of seeds lets a server batch requests that each brought their own seed.
     """
+    if isinstance(seed, Sequence):
+        if len(seed) != count:
+            raise ValueError(f"{len(seed)} seeds given for {count} images")
+        return [torch.Generator().manual_seed(int(s)) for s in seed]
     if seed is None:
         seed = int(torch.randint(2**31 - count, ()))
     return [torch.Generator().manual_seed(seed + k) for k in range(count)]
@@ -163,7 +168,7 @@ def sample_latents(
     n: int = 1,
     steps: int = 50,
     guidance_scale: float = 1.6,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     allow_empty: bool = False,
     cache_prefix: bool = True,
@@ -172,7 +177,8 @@ def sample_latents(
 ) -> torch.Tensor:
     """Latents [len(prompts) * n, C, h, w], prompt-major (n images of prompt 0 first).
 
-    Image j is seeded with seed + j (see `image_generators`).
+    Image j is seeded with seed + j, or seed[j] for a list of len(prompts) * n seeds (see
+    `image_generators`).
 
     cache_prefix=False re-runs the whole sequence every step and batch_cfg=False runs the two
     guidance branches as two forwards: both only exist to measure and test the fast path.
@@ -202,7 +208,7 @@ def generate_image(
     prompt: str | Sequence[str],
     steps: int = 50,
     guidance_scale: float = 1.6,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     n: int = 1,
     allow_empty: bool = False,

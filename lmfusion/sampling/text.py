@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,23 +74,39 @@ def decode(context: Context, max_new_tokens: int, picker: TokenPicker, allowed: 
     allowed: [V + 2] bool, the logit columns that may be picked (e.g. only the base vocabulary).
     Returns the new ids per row, the stop id included (as transformers' generate does).
     """
+    new_ids: list[list[int]] = [[] for _ in range(context.rows)]
+    for step in iter_decode(context, max_new_tokens, picker, allowed, stop_ids):
+        for row, token in enumerate(step):
+            if token is not None:
+                new_ids[row].append(token)
+    return new_ids
+
+
+def iter_decode(
+    context: Context, max_new_tokens: int, picker: TokenPicker, allowed: torch.Tensor, stop_ids: set[int]
+) -> Iterator[list[int | None]]:
+    """`decode` one step at a time: each row's new id, or None for a row that has already stopped.
+
+    Arguments are checked before the first step (not lazily), so a caller that streams the
+    tokens hears about a bad argument when it asks, not when it starts reading.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return _decode_steps(context, max_new_tokens, picker, allowed, stop_ids)
+
+
+def _decode_steps(context, max_new_tokens, picker, allowed, stop_ids) -> Iterator[list[int | None]]:
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=context.ids.device)
     blocked = ~allowed.to(context.logits.device)
     done = torch.zeros(context.rows, dtype=torch.bool, device=context.ids.device)
-    new_ids: list[list[int]] = [[] for _ in range(context.rows)]
     budget = min(max_new_tokens, max_positions(context.model) - context.length)
     for step in range(budget):
         next_ids = picker(context.logits.masked_fill(blocked, float("-inf")))
-        for row, (token, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):
-            if not finished:
-                new_ids[row].append(token)
+        yield [None if finished else token for token, finished in zip(next_ids.tolist(), done.tolist())]
         done |= torch.isin(next_ids, stop)
         if bool(done.all()) or step == budget - 1:
             break
         context.append_tokens(next_ids.masked_fill(done, pad_id(context.model))[:, None])
-    return new_ids
 
 
 def vocabulary_mask(model, boi: bool = False, eoi: bool = False) -> torch.Tensor:
@@ -107,11 +123,26 @@ def generate_text_ids(
     seed: int | None = None,
 ) -> list[int]:
     """New token ids after `input_ids`, base vocabulary only (greedy = the base LM's greedy)."""
+    return list(iter_text_ids(model, input_ids, max_new_tokens, temperature, top_p, seed))
+
+
+def iter_text_ids(
+    model, input_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+    seed: int | None = None,
+) -> Iterator[int]:
+    """The ids of `generate_text_ids`, yielded one by one as they are picked (for streaming).
+
+    The prompt is checked and run at the call; each `next` then costs one forward. Stopping
+    early (closing the iterator) simply skips the remaining tokens.
+    """
     if len(input_ids) >= max_positions(model):
         raise ValueError(f"prompt is {len(input_ids)} tokens; the base model allows at most {max_positions(model) - 1}")
-    context = Context.from_tokens(model, [list(input_ids)])
     picker = TokenPicker(temperature, top_p, seed)
-    return decode(context, max_new_tokens, picker, vocabulary_mask(model), eos_ids(model, base_only=True))[0]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = Context.from_tokens(model, [list(input_ids)])  # Context runs its forwards without autograd
+    steps = iter_decode(context, max_new_tokens, picker, vocabulary_mask(model), eos_ids(model, base_only=True))
+    return (step[0] for step in steps)
 
 
 def generate_text(
