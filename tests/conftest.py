@@ -19,10 +19,14 @@ def tiny_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def taef2_dir() -> Path:
-    path = Path(os.environ.get("LMFUSION_TAEF2", SHARED / "taef2"))
-    if not all((path / f"taef2_{part}.pth").is_file() for part in ("encoder", "decoder")):
-        pytest.skip(f"TAEF2 weights not found in {path} (shared assets absent; set LMFUSION_TAEF2 to the folder)")
-    return path
+    """$LMFUSION_TAEF2, else the shared assets, else the weights shipped inside lmfusion."""
+    from lmfusion.codecs.taef2 import VENDORED
+
+    candidates = [Path(os.environ["LMFUSION_TAEF2"])] if os.environ.get("LMFUSION_TAEF2") else []
+    for path in candidates + [SHARED / "taef2", VENDORED]:
+        if all((path / f"taef2_{part}.pth").is_file() for part in ("encoder", "decoder")):
+            return path
+    pytest.skip(f"TAEF2 weights not found in {candidates + [SHARED / 'taef2', VENDORED]}")
 
 
 @pytest.fixture(scope="session")
