@@ -10,7 +10,7 @@ Four runs on the same shapes data and the same examples in the same order (Table
   ffn_only  only the FFNs are per modality, attention shared and frozen (shallow separation)
 
 Equal FLOPs: LMFusion trains `--steps` steps; its FLOPs per step (measured by
-lmfusion.evaluation.flops on the run's own batches) times those steps is the budget, and every
+lmfusion.training.flops on the run's own batches) times those steps is the budget, and every
 other mode trains budget / (its FLOPs per step) steps. Each run is then evaluated with
 lmfusion.evaluation (text perplexity and exact-logit check, CIDEr, FID, oracle accuracy).
 
@@ -37,7 +37,7 @@ import torch
 from lmfusion.config import TINY_UNET
 from lmfusion.evaluation.evaluate import EvalSettings, evaluate_checkpoint, load_report, weights_fingerprint
 from lmfusion.evaluation.feature_net import FeatureNetRecipe
-from lmfusion.evaluation.flops import run_step_flops
+from lmfusion.training.flops import run_step_flops
 from lmfusion.evaluation.tables import write_results
 from lmfusion.training import load_config, train
 from lmfusion.training.checkpoint import latest_checkpoint, resolve_checkpoint

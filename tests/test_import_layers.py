@@ -17,11 +17,7 @@ FORBIDDEN = {  # area -> areas it must not import
     "codecs": {"model", "sampling", "training", "evaluation", "serving", "cli"},
 }
 # Known exceptions still to move (each names why it is here).
-ALLOWED = {
-    # evaluation/flops.py measures the FLOPs of a real *training* step, so it drives the trainer;
-    # it belongs with the training benchmarks (left for the evaluation owner to move).
-    ("lmfusion/evaluation/flops.py", "training"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _area(module: str) -> str:

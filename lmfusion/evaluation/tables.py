@@ -160,7 +160,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         "is not counted here: see Train s and Eval s under Runs).", "",
         f"Setup: base `{meta['base_model']}`, shapes data `{meta['data']}`, {s['image_size']} px pixel codec, "
         f"{s['patch_size']} px patches, batch {s['batch_size']}, lr {s['lr']} cosine to {s['min_lr']}, "
-        f"LMFusion {s['steps']} steps = budget {meta['budget_flops']:.3e} FLOPs (measured; see lmfusion/evaluation/flops.py). "
+        f"LMFusion {s['steps']} steps = budget {meta['budget_flops']:.3e} FLOPs (measured; see lmfusion.training.flops.py). "
         f"Evaluation: {s['eval_n']} test images / captions, {s['eval_steps']} denoising steps, no CFG, one seed.", "",
         "## Table 1 at small scale", "", *table1(runs, meta["budget_flops"]), "",
         f"Blind-captioner CIDEr (the best single test caption said for every image): {_num(blind, 1)}; "
@@ -171,7 +171,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         "## The paper's claims, checked", "", *claims(runs), "",
         "## Runs", "",
         "FLOPs per step, forward + backward: measured by FlopCounterMode (all of it, and the U-Net's convolution "
-        "share), and the formula of lmfusion/evaluation/flops.py for the decoder layers + LM head, which should "
+        "share), and the formula of lmfusion.training.flops.py for the decoder layers + LM head, which should "
         "match the measured matmuls.", "",
         _row(["Mode", "Steps", "FLOPs/step measured", "U-Net conv share", "matmul measured", "matmul formula",
               "Train s", "Eval s", "Run folder"]),

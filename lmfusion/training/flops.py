@@ -30,6 +30,9 @@ from typing import Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .data import build_batch_source, load_or_encode
+from .loop import StepPlan, build_model, chunk_seed, loss_sums
+
 _aten = torch.ops.aten
 
 
@@ -96,8 +99,6 @@ def measure_step_flops(model, source, config, steps: Iterable[int]) -> dict[str,
     Uses the training loop's own batch plan and objective (lmfusion.training.loop), so the
     batches, their image-first / caption-first mix and the loss are the run's.
     """
-    from ..training.loop import StepPlan, chunk_seed, loss_sums
-
     micro, accum = config.split_batch(1)
     plan = StepPlan(config.batch_size, micro, accum)
     steps = list(steps)
@@ -131,9 +132,6 @@ def _category(op: str) -> str:
 
 def run_step_flops(config, sample_steps: int = 4) -> dict:
     """FLOPs per step of the run described by a TrainConfig (builds its model and data)."""
-    from ..training.data import build_batch_source, load_or_encode
-    from ..training.loop import build_model
-
     model, codec = build_model(config)
     data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, progress=False)
     source = build_batch_source(data, model, config)

@@ -2,8 +2,17 @@
 
 import pytest
 
-from lmfusion.evaluation.flops import run_step_flops
+from lmfusion.training.flops import run_step_flops
 from lmfusion.training import load_config
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    """400 shapes images at 32 px (360 train, 40 test), as the evaluation tests use."""
+    from lmfusion.data import generate_shapes_dataset
+
+    path = tmp_path_factory.mktemp("flops_data") / "shapes"
+    return generate_shapes_dataset(path, 400, size=32, seed=0, progress=False, split=True, test_fraction=0.1)
 
 
 @pytest.fixture(scope="module")
