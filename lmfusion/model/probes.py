@@ -7,7 +7,7 @@
   zeroed| / |prediction|. Near 0 means the U-Net's skip connections do all the work and the
   fused transformer (and so the prompt) is bypassed: the failure measured in issue 9.
 
-Both are cheap (three forward passes over a handful of images) and deterministic in `seed`.
+Both are cheap (seven forward passes over a handful of images) and deterministic in `seed`.
 """
 
 from __future__ import annotations
