@@ -140,18 +140,9 @@ def load_test(url: str, model, specs: list[dict], references: list | None = None
 # ---------------------------------------------------------------------- the benchmark
 def build_tiny_model(directory: Path):
     """A tiny random LMFusion model (as in the tests): 16 px pixel images, 4 image tokens."""
-    from lmfusion.model.lmfusion import LMFusionModel
-    from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
+    from lmfusion.testing import save_peaky_base, tiny_sampling_model
 
-    tokenizer = tiny_tokenizer()
-    tiny_text_model(len(tokenizer), seed=0, initializer_range=0.2).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(1)
-    model = LMFusionModel.from_text_model(str(directory), tiny_lmfusion_config(str(directory))).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
-        torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
-    return model
+    return tiny_sampling_model(save_peaky_base(directory))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import TINY_UNET, LMFusionConfig
+from .model.lmfusion import LMFusionModel
 
 _CORPUS = [
     "a small red circle above a large blue square",
@@ -73,3 +74,28 @@ def save_tiny_base(directory: str | Path, hidden: int = 64, layers: int = 2, see
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_peaky_base(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny base LM + tokenizer folder initialised with a larger std than usual, so its logits
+    are peaked: with the default init every greedy step picks the same token and "equals the
+    base model" checks are weak."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    tiny_text_model(len(tokenizer), seed=seed, initializer_range=0.2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_sampling_model(base: str | Path, **overrides) -> LMFusionModel:
+    """A tiny LMFusion model over `base` (eval mode) whose noise predictions depend on the model.
+
+    The up block's output conv is zero at init (it predicts zero noise); it is re-drawn here, so
+    that sampler comparisons and served images are not trivially equal.
+    """
+    torch.manual_seed(1)
+    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base), **overrides)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
+        torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
+    return model

@@ -14,39 +14,22 @@ import pytest
 import torch
 
 from lmfusion.model.lmfusion import LMFusionModel
-from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
-
-
-def save_base(directory: Path, seed: int = 0) -> Path:
-    tokenizer = tiny_tokenizer()
-    tiny_text_model(len(tokenizer), seed=seed, initializer_range=0.2).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def build_model(base: Path, **overrides) -> LMFusionModel:
-    torch.manual_seed(1)
-    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base), **overrides)).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
-        torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
-    return model
-
+from lmfusion.testing import save_peaky_base, tiny_sampling_model
 
 @pytest.fixture(scope="session")
 def peaky_base(tmp_path_factory) -> Path:
-    return save_base(tmp_path_factory.mktemp("peaky_base"))
+    return save_peaky_base(tmp_path_factory.mktemp("peaky_base"))
 
 
 @pytest.fixture(scope="session")
 def model(peaky_base) -> LMFusionModel:
-    return build_model(peaky_base)
+    return tiny_sampling_model(peaky_base)
 
 
 @pytest.fixture(scope="session")
 def eps_model(peaky_base) -> LMFusionModel:
     """The paper's DDPM objective, for the DDIM / DDPM samplers."""
-    return build_model(peaky_base, objective="eps")
+    return tiny_sampling_model(peaky_base, objective="eps")
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +60,10 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def make_model(peaky_base):
     """A fresh model (for tests that change weights and must not touch the shared one)."""
-    return lambda: build_model(peaky_base)
+    return lambda: tiny_sampling_model(peaky_base)
 
 
 @pytest.fixture(scope="session")
 def make_base():
     """Write another tiny base folder: make_base(directory, seed=...)."""
-    return save_base
+    return save_peaky_base

@@ -7,25 +7,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 
 from lmfusion.model.lmfusion import LMFusionModel
-from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
+from lmfusion.testing import save_peaky_base, tiny_sampling_model
 
 STEPS = 3  # denoising steps for every test request: enough to exercise the sampler, cheap
 
 
 def build_tiny_model(directory: Path) -> tuple[LMFusionModel, Path]:
     """The model, and the folder it is saved in (`lmfusion serve --checkpoint` loads it)."""
-    base = directory / "base"
-    tokenizer = tiny_tokenizer()
-    tiny_text_model(len(tokenizer), seed=0, initializer_range=0.2).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    torch.manual_seed(1)
-    model = LMFusionModel.from_text_model(str(base), tiny_lmfusion_config(str(base))).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
-        torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
+    model = tiny_sampling_model(save_peaky_base(directory / "base"))
     model.save_pretrained(directory / "model")
     return model, directory / "model"
 
