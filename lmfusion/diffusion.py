@@ -102,14 +102,15 @@ class DiffusionObjective:
         return a.sqrt() * noisy - (1 - a).sqrt() * prediction
 
     def clip_prediction(self, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor,
-                        clip: float) -> torch.Tensor:
-        """A flow prediction whose implied clean latent is clamped to [-clip, clip].
+                        clip: float | None) -> torch.Tensor:
+        """The prediction, with its implied clean latent clamped to [-clip, clip] (None: as is).
 
         The flow counterpart of DDIM's clip_sample: with x0 = x_t - s v clamped, the Euler step
-        toward s = 0 lands inside the codec's range (eps / v use the scheduler's own clipping).
+        toward s = 0 lands inside the codec's range. eps / v predictions pass through unchanged:
+        the sampler from `sampler(clip=...)` clips them itself.
         """
-        if self.name != "flow":
-            raise ValueError("clip_prediction is for flow; DDIM/DDPM clip through their scheduler")
+        if clip is None or self.name != "flow":
+            return prediction
         s = self._sigma(timesteps.reshape(-1).expand(noisy.shape[0]), noisy)
         clean = (noisy - s * prediction).clamp(-clip, clip)
         return (noisy - clean) / s
@@ -127,7 +128,7 @@ class DiffusionObjective:
         """A diffusers scheduler that inverts this objective.
 
         clip: for DDIM/DDPM, clamp each step's clean-latent estimate to [-clip, clip] (diffusers'
-        clip_sample); for flow the sampler loop applies `clip_prediction` instead.
+        clip_sample); for flow the sampler loop applies `clip_prediction`, which eps / v pass through.
         """
         name = name or self.default_sampler
         check_sampler(name, self.name)

@@ -140,7 +140,6 @@ def denoise(
     n = len(generators)
     clip = latent_clip(config.codec["name"])
     sampler = model.objective.sampler(scheduler, clip=clip)
-    clip_flow = clip is not None and model.objective.name == "flow"
     sampler.set_timesteps(steps)
     shape = (1, config.latent_channels, config.latent_size, config.latent_size)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * getattr(sampler, "init_noise_sigma", 1.0)
@@ -155,8 +154,7 @@ def denoise(
         if guided:
             cond, uncond = prediction.chunk(2)
             prediction = uncond + guidance_scale * (cond - uncond)
-        if clip_flow:
-            prediction = model.objective.clip_prediction(latents, prediction, t, clip)
+        prediction = model.objective.clip_prediction(latents, prediction, t, clip)
         latents = sampler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
 
