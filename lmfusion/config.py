@@ -48,7 +48,7 @@ class LMFusionConfig:
 
     # Image objective (lmfusion.diffusion): "flow" (rectified flow, the default: measured to make the
     # model read its prompt, docs/image_learning.md) or the paper's DDPM "eps" (Transfusion: cosine
-    # schedule, 1,000 steps), or "v". timestep_sampling "" = the objective's own default.
+    # schedule, 1,000 steps), or "v". timestep_sampling "" = uniform (the shift then moves it for flow).
     objective: str = "flow"
     timestep_sampling: str = ""
     # flow: SD3's shift of the noise levels; > 1 trains (and samples) more at high noise, where only
