@@ -19,6 +19,7 @@ import time
 import torch
 
 from lmfusion.config import LMFusionConfig
+from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE
 from lmfusion.model.lmfusion import LMFusionModel
 from lmfusion.sampling.image import sample_latents
 from lmfusion.sampling.text import generate_text_ids
@@ -59,13 +60,13 @@ def best_of(repeats: int, functions: dict) -> tuple[dict, dict, dict]:
 
 def bench_images(model, prompt: str, args) -> list[str]:
     tokens = len(model.tokenizer(prompt, add_special_tokens=False).input_ids)
-    options = dict(n=1, steps=args.steps, guidance_scale=args.guidance, seed=0, progress=False)
+    options = dict(n=1, steps=args.steps, guidance_scale=args.guidance_scale, seed=0, progress=False)
     functions = {name: (lambda extra=extra: sample_latents(model, prompt, **options, **extra)) for name, extra in IMAGE_CONFIGS.items()}
     wall, cpu, results = best_of(args.repeats, functions)
     default = next(iter(IMAGE_CONFIGS))
     lines = [
         f"\nText-to-image, prompt of {tokens} tokens, {model.config.tokens_per_image} image tokens, "
-        f"{args.steps} DDIM steps, guidance {args.guidance}:\n",
+        f"{args.steps} DDIM steps, guidance scale {args.guidance_scale}:\n",
         "| configuration | CPU s / image | vs default (CPU) | wall s / image | max abs diff vs default |",
         "|---|---|---|---|---|",
     ]
@@ -106,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=1.6)
+    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                        help=f"classifier-free guidance scale; 1 = none (default {DEFAULT_GUIDANCE_SCALE})")
     parser.add_argument("--repeats", type=int, default=1, help="image runs per configuration (best is kept)")
     parser.add_argument("--text-repeats", type=int, default=3, help="text runs per decoder (best is kept)")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE
+
 IMAGE_PROMPTS = [
     "a small red circle", "a large blue square", "a green triangle above a yellow circle",
     "a purple square below an orange triangle", "a small yellow circle to the left of a red square",
@@ -89,7 +91,7 @@ def fire(url: str, specs: list[dict], timeout: float = 300.0) -> tuple[list[dict
 
 
 # ---------------------------------------------------------------------- checking
-def reference(model, spec: dict, guidance_scale: float = 1.6):
+def reference(model, spec: dict, guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
     """What the model gives for this request alone: pixel arrays, or the text."""
     from lmfusion.sampling.image import generate_image
     from lmfusion.sampling.text import generate_text
@@ -196,7 +198,7 @@ def render(rows: list[dict], args, model_name: str, model) -> str:
     lines = [
         f"Model: {model_name}, {model.config.image_size} px images, {model.config.tokens_per_image} image tokens; "
         f"{args.requests} concurrent requests ({images} image requests, {args.requests - images} text chats), "
-        f"{args.steps} denoising steps (the model's own sampler), guidance 1.6, queue {args.max_queue}; torch {torch.__version__}, "
+        f"{args.steps} denoising steps (the model's own sampler), guidance scale {DEFAULT_GUIDANCE_SCALE}, queue {args.max_queue}; torch {torch.__version__}, "
         f"{args.threads} torch thread(s), {os.cpu_count()} CPUs ({platform.machine()}).",
         "",
         "| batching | run | answered | rejected | errors | p50 s | p95 s | req/s | CPU s (process) | sampler calls for images | largest batch | lost/crossed | healthy after | load avg before → after |",

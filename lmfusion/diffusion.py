@@ -31,6 +31,10 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 # Which sampler names fit which objective; the first is the default.
 SAMPLERS = {"flow": ("euler",), "eps": ("ddim", "ddpm"), "v": ("ddim", "ddpm")}
 SAMPLER_NAMES = ("euler", "ddim", "ddpm")
+# Classifier-free guidance, eps = uncond + guidance_scale * (cond - uncond); 1 = none. The one
+# default of every sampler entry point (Python API, pipeline, `lmfusion generate | chat | serve`).
+# Evaluation (1.0, the paper's FID without guidance) and the training sample grids choose their own.
+DEFAULT_GUIDANCE_SCALE = 1.6
 
 
 def check_objective(objective: str, timestep_sampling: str | None = None) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..sampling.cli import add_guidance_scale_argument
+from .evaluate import EvalSettings
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/STEP, or MODEL-eval)")
     p.add_argument("--n", type=int, default=64, help="test images to caption and captions to generate from (default 64)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per generated image (default 20; the model's own sampler)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance; 1 = none (default)")
+    add_guidance_scale_argument(p, EvalSettings.guidance_scale,
+                                "classifier-free guidance scale; 1 = none, the paper's FID protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--base-model", default=None, help="load the base LM from here instead of the checkpoint's base_model")
@@ -34,10 +38,10 @@ def register(subparsers) -> None:
 def run_eval(args) -> int:
     import torch
 
-    from .evaluate import EvalSettings, evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     settings = EvalSettings(
-        n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+        n=args.n, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
         base_model=args.base_model, feature_cache=args.feature_cache,
     )
     for name in ("checkpoint", "data"):

@@ -38,7 +38,7 @@ class EvalSettings:
 
     n: int = 64  # test images captioned, and test captions turned into images
     steps: int = 20  # DDIM denoising steps
-    guidance: float = 1.0  # classifier-free guidance (1 = none, the paper's "FID without CFG")
+    guidance_scale: float = 1.0  # classifier-free guidance (1 = none, the paper's "FID without CFG")
     scheduler: str | None = None  # None: the objective's default sampler
     seed: int = 0
     batch_size: int = 16
@@ -55,8 +55,8 @@ class EvalSettings:
             raise ValueError(f"n must be at least 2 (FID and CIDEr need a set), got {self.n}")
         if self.steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("steps, batch_size and max_new_tokens must be positive")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0 (1 = none), got {self.guidance}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 = none), got {self.guidance_scale}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,8 +78,15 @@ def weights_fingerprint(model_dir: Path) -> dict:
 
 
 def load_report(out_dir: str | Path) -> dict | None:
+    """A finished report, its settings in today's names (older reports said `guidance`)."""
     path = Path(out_dir) / REPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    settings = report.get("settings")
+    if isinstance(settings, dict) and "guidance" in settings and "guidance_scale" not in settings:
+        settings["guidance_scale"] = settings.pop("guidance")
+    return report
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -133,8 +140,8 @@ def evaluate_checkpoint(
         result["understanding"] = caption_metrics(captions, test.captions, test.metas)
         result["understanding"]["samples"] = [{"reference": r, "caption": c} for r, c in zip(test.captions, captions)]
     with timer("generation"):
-        report(f"[eval] generating {len(test)} images ({settings.steps} {sampler} steps, cfg {settings.guidance})")
-        generated = generate_images(model, test.captions, settings.seed, settings.steps, settings.guidance,
+        report(f"[eval] generating {len(test)} images ({settings.steps} {sampler} steps, guidance scale {settings.guidance_scale})")
+        generated = generate_images(model, test.captions, settings.seed, settings.steps, settings.guidance_scale,
                                     settings.scheduler, settings.batch_size, codec)
     with timer("image_metrics"):
         result["generation"] = _image_metrics(data, test, test_path, generated, model.config.image_size, settings, report)

@@ -118,7 +118,7 @@ def write_markdown(path: Path, result: dict, grids: dict[str, str], captions: Se
         "",
         f"mode `{result['mode']}`, base `{result['base_model']}`, data `{result['data']}`, "
         f"{result['parameters']['trainable']:,} trainable of {result['parameters']['total']:,} parameters.",
-        f"Settings: n={settings['n']}, {settings['steps']} {result.get('sampler') or settings['scheduler']} steps, guidance {settings['guidance']}, "
+        f"Settings: n={settings['n']}, {settings['steps']} {result.get('sampler') or settings['scheduler']} steps, guidance scale {settings['guidance_scale']}, "
         f"seed {settings['seed']}. Took {result.get('seconds', '?')} s on {result['machine']['device']}.",
         "",
         *_text_section(result["text"]),

@@ -7,6 +7,7 @@ which the dispatcher prints as one line (exit 2).
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ..utils import atomic_write_bytes
 
-from ..diffusion import SAMPLER_NAMES as SCHEDULERS
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, SAMPLER_NAMES as SCHEDULERS
 
 
 def register(subparsers) -> None:
@@ -31,9 +32,17 @@ def _add_model_args(parser) -> None:
 
 def _add_diffusion_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=1.6, help="classifier-free guidance scale; 1 = none (default 1.6)")
+    add_guidance_scale_argument(parser)
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                         help="sampler (default: the model's: euler for flow models, ddim for eps/v models)")
+
+
+def add_guidance_scale_argument(parser, default: float = DEFAULT_GUIDANCE_SCALE,
+                                help: str = "classifier-free guidance scale; 1 = none") -> None:
+    """`--guidance-scale` (args.guidance_scale), plus the old spelling `--guidance` as a hidden alias."""
+    parser.add_argument("--guidance-scale", type=float, default=default, help=f"{help} (default {default})")
+    # Kept so that scripts written for earlier versions still run; SUPPRESS leaves the default to the flag above.
+    parser.add_argument("--guidance", dest="guidance_scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _add_decoding_args(parser, max_new_tokens: int) -> None:
@@ -80,14 +89,14 @@ def _add_chat(subparsers) -> None:
 def run_generate(args) -> int:
     from .image import check_sampling_args, generate_image
 
-    check_sampling_args(args.steps, args.guidance, args.n, args.scheduler)
+    check_sampling_args(args.steps, args.guidance_scale, args.n, args.scheduler)
     if not args.prompt.strip() and not args.unconditional:
         raise ValueError("prompt is empty (use --unconditional for an unconditional sample)")
     out = Path(args.out)
     image_format = _image_format(out)
     model = _load(args)
     images = generate_image(
-        model, args.prompt, args.steps, args.guidance, args.seed, args.scheduler, args.n,
+        model, args.prompt, args.steps, args.guidance_scale, args.seed, args.scheduler, args.n,
         allow_empty=args.unconditional, output="tensor",
     )
     if args.n > 1 and args.separate:
@@ -128,7 +137,7 @@ def run_chat(args) -> int:
     model = _load(args)
     session = InterleavedSession(
         model, args.max_new_tokens, args.max_images, args.temperature, args.top_p, args.seed,
-        args.steps, args.guidance, args.scheduler,
+        args.steps, args.guidance_scale, args.scheduler,
     )
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for prompt in prompts:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..codecs.registry import latent_clip
-from ..diffusion import check_sampler
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .text import Context, encode_text, max_positions
 
 _CODECS: WeakKeyDictionary = WeakKeyDictionary()
@@ -165,7 +165,7 @@ def sample_latents(
     prompts: str | Sequence[str],
     n: int = 1,
     steps: int = 50,
-    guidance_scale: float = 1.6,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     allow_empty: bool = False,
@@ -205,7 +205,7 @@ def generate_image(
     model,
     prompt: str | Sequence[str],
     steps: int = 50,
-    guidance_scale: float = 1.6,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     n: int = 1,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from ..utils import atomic_write_bytes
 from .image import check_sampling_args, decode_latents, denoise, image_generators
 from .context import Context
@@ -31,7 +32,7 @@ class InterleavedSession:
         top_p: float = 1.0,
         seed: int | None = None,
         steps: int = 50,
-        guidance_scale: float = 1.6,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         scheduler: str | None = None,
         progress: bool = True,
         codec=None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from .image import generate_image, get_codec
 from .interleaved import InterleavedSession, generate_interleaved
 from .text import caption, generate_text
@@ -55,7 +56,7 @@ class LMFusionPipeline:
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionPipeline":
         return cls(load_model(path, device, dtype))
 
-    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = 1.6, seed: int | None = None,
+    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = None,
                        scheduler: str | None = None, n: int = 1, **options):
         return generate_image(self.model, prompt, steps, guidance_scale, seed, scheduler, n, codec=self.codec, **options)
 

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from . import chat
 from .engine import Engine
 from .errors import APIError, bad_request, error_body, install_handlers
@@ -45,7 +46,7 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds from arrival to answer, queue included
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
-    guidance_scale: float = 1.6
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
     chat_tokens: int = 256

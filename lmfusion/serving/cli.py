@@ -10,7 +10,7 @@ import ipaddress
 import os
 import sys
 
-from ..sampling.cli import SCHEDULERS
+from ..sampling.cli import SCHEDULERS, add_guidance_scale_argument
 
 
 def register(subparsers) -> None:
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish before closing them (default 30)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB; larger gets 413 (default 16)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps when a request does not say (default 50)")
-    p.add_argument("--guidance", type=float, default=1.6, help="guidance scale when a request does not say (default 1.6)")
+    add_guidance_scale_argument(p, help="classifier-free guidance scale when a request does not say; 1 = none")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="sampler when a request does not say (default: the one of the model's objective)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -46,7 +46,7 @@ def settings_from_args(args):
     from .app import ServeSettings
     from ..sampling.image import check_sampling_args
 
-    check_sampling_args(args.steps, args.guidance, 1, args.scheduler)
+    check_sampling_args(args.steps, args.guidance_scale, 1, args.scheduler)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     for flag, value in (("--max-queue", args.max_queue), ("--max-batch-images", args.max_batch_images)):
@@ -62,7 +62,7 @@ def settings_from_args(args):
         model_name=args.model_name, api_key=args.api_key, max_queue=args.max_queue,
         max_batch_images=args.max_batch_images, batching=not args.no_batching,
         request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
-        steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+        steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
     )
 
 
@@ -85,7 +85,7 @@ def run_serve(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, args.device)
-    check_sampling_args(args.steps, args.guidance, 1, args.scheduler, getattr(model.config, "objective", None))
+    check_sampling_args(args.steps, args.guidance_scale, 1, args.scheduler, getattr(model.config, "objective", None))
     app = create_app(model, settings)
     host, port = sock.getsockname()[:2]
     size = model.config.image_size

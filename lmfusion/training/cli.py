@@ -16,7 +16,7 @@ import dataclasses
 import json
 import shlex
 
-from .config import PRESETS, TrainConfig, load_config, parse_value
+from .config import PRESETS, RENAMED_KEYS, TrainConfig, load_config, parse_value
 from .config_help import FIELD_HELP
 
 
@@ -45,6 +45,9 @@ def register(subparsers) -> None:
         else:  # strings stay verbatim (YAML would turn "no" into False); the rest parse as YAML
             kind = str if field.type in ("str", str) else parse_value
             fields.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS, metavar="VALUE", help=text)
+    for old, new in RENAMED_KEYS.items():  # old spellings still work, unlisted
+        fields.add_argument("--" + old.replace("_", "-"), dest=new, type=parse_value, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
     parser.set_defaults(func=run_train)
 
 

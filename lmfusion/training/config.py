@@ -75,7 +75,8 @@ class TrainConfig:
         default_factory=lambda: ["a small red circle", "a large blue square on the left", "a green triangle above a yellow circle"]
     )
     sample_steps: int = 50
-    sample_cfg: float = 3.0
+    # Not the samplers' DEFAULT_GUIDANCE_SCALE: short runs draw clearer grids at 3 (benchmarks/results/quickstart.md).
+    sample_guidance_scale: float = 3.0
     probe_every: int = 50  # conditioning probes (prompt gain, stack dependence; lmfusion.model.probes); 0 = off
     probe_images: int = 16
     progress: bool = True
@@ -166,7 +167,19 @@ def coerce(name: str, kind: str, value: Any) -> Any:
     raise ValueError(f"{name} must be a {kind}, got {value!r}")
 
 
+# Keys renamed since runs first saved their config.yaml: old name -> new name. A run folder or a
+# YAML file written with the old name still loads (and resumes) under the new one.
+RENAMED_KEYS = {"sample_cfg": "sample_guidance_scale"}
+
+
 def check_keys(data: dict) -> dict:
+    """`data` with renamed keys under their new names; unknown keys are a ValueError."""
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"config gives both {old!r} and its new name {new!r}; keep only {new!r}")
+            data[new] = data.pop(old)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -286,7 +299,7 @@ def parse_value(text: str) -> Any:
 # Fields a resumed run may change: they do not alter what the next optimizer step computes
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                     "sample_prompts", "sample_steps", "sample_cfg", "progress", "probe_every", "probe_images", "threads", "latent_cache",
+                     "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
                      "runs_dir", "generate_shapes"}
 
 

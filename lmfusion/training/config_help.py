@@ -45,7 +45,7 @@ FIELD_HELP: dict[str, str] = {
     "sample_every": "write sample images and captions every this many steps (0 = never)",
     "sample_prompts": "prompts for the sample images",
     "sample_steps": "denoising steps for the sample images",
-    "sample_cfg": "classifier-free guidance scale for the sample images",
+    "sample_guidance_scale": "classifier-free guidance scale for the sample images (1 = none)",
     "progress": "show a progress bar",
     "probe_every": "conditioning probes (prompt gain, stack dependence) every this many steps (0 = off)",
     "probe_images": "images the conditioning probes use",

@@ -414,7 +414,7 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
     model.eval()
     try:
         images = generate_image(model, list(config.sample_prompts), steps=config.sample_steps,
-                                guidance_scale=config.sample_cfg, seed=config.seed, output="tensor",
+                                guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
                                 progress=False, codec=codec)
         pixels = codec.decode(data.latents[:4].to(model.device)).float().cpu()
         captions = caption(model, pixels, codec=codec)
@@ -427,7 +427,7 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
         return
     folder = log.run_dir / "samples"
     grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
-    lines = [f"step {step}: generated ({config.sample_steps} steps, cfg {config.sample_cfg}), left to right:"]
+    lines = [f"step {step}: generated ({config.sample_steps} steps, guidance scale {config.sample_guidance_scale}), left to right:"]
     lines += [f"  {p}" for p in config.sample_prompts]
     lines += ["captions of training images (model | reference):"]
     lines += [f"  {c!r} | {data.captions[i]!r}" for i, c in enumerate(captions)]

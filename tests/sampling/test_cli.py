@@ -108,7 +108,8 @@ def test_checkpoint_on_the_wrong_base_model(checkpoint, make_base, tmp_path, cap
         (["--prompt", ""], "prompt is empty"),
         (["--prompt", "   "], "prompt is empty"),
         (["--prompt", "red " * 600], "at most 506 fit"),
-        (["--prompt", "a", "--guidance", "-1"], "guidance_scale must be >= 0"),
+        (["--prompt", "a", "--guidance-scale", "-1"], "guidance_scale must be >= 0"),
+        (["--prompt", "a", "--guidance", "-1"], "guidance_scale must be >= 0"),  # the old, hidden spelling
         (["--prompt", "a", "--steps", "0"], "steps must be >= 1"),
         (["--prompt", "a", "--n", "0"], "n must be >= 1"),
         (["--prompt", "a", "--device", "warp-drive"], "unknown device"),
@@ -118,6 +119,22 @@ def test_generate_bad_input(checkpoint, tmp_path, capsys, extra, fragment):
     code, _, err = _run(capsys, "generate", "--checkpoint", checkpoint, "--out", tmp_path / "o.png", *extra)
     _assert_one_line_error(code, err, "generate", fragment)
     assert not (tmp_path / "o.png").exists()
+
+
+def test_guidance_scale_flag_has_one_default_and_a_hidden_old_spelling(capsys):
+    import argparse
+
+    from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE
+    from lmfusion.sampling.cli import add_guidance_scale_argument
+
+    parser = argparse.ArgumentParser()
+    add_guidance_scale_argument(parser)
+    assert parser.parse_args([]).guidance_scale == DEFAULT_GUIDANCE_SCALE
+    assert parser.parse_args(["--guidance-scale", "3"]).guidance_scale == 3.0
+    assert parser.parse_args(["--guidance", "2.5"]).guidance_scale == 2.5
+    help_text = parser.format_help()
+    assert "--guidance-scale" in help_text and f"(default {DEFAULT_GUIDANCE_SCALE})" in help_text
+    assert "--guidance " not in help_text and "--guidance\n" not in help_text
 
 
 def test_generate_bad_out_extension(checkpoint, tmp_path, capsys):
@@ -146,7 +163,7 @@ def test_caption_bad_temperature(checkpoint, image_file, capsys):
 
 @pytest.mark.parametrize(
     "extra, fragment",
-    [(["--prompt", " "], "prompt is empty"), (["--prompt", "a", "--guidance", "-2"], "guidance_scale"),
+    [(["--prompt", " "], "prompt is empty"), (["--prompt", "a", "--guidance-scale", "-2"], "guidance_scale"),
      (["--prompt", "red " * 600], "tokens")],
 )
 def test_chat_bad_input(checkpoint, tmp_path, capsys, extra, fragment):

@@ -54,6 +54,19 @@ def test_cli_flags_parse_as_yaml(capsys):
     assert printed["sample_prompts"] == ["a red circle", "no"]
 
 
+def test_the_old_sample_cfg_key_still_loads_as_sample_guidance_scale(tmp_path, capsys):
+    old_run = tmp_path / "config.yaml"  # what runs saved before the rename
+    saved = TrainConfig().to_dict()
+    del saved["sample_guidance_scale"]
+    old_run.write_text(yaml.safe_dump({**saved, "sample_cfg": 2.5}, sort_keys=False))
+    assert load_config(path=old_run).sample_guidance_scale == 2.5
+    assert TrainConfig.from_dict({"sample_cfg": 4}).sample_guidance_scale == 4.0
+    with pytest.raises(ValueError, match="both 'sample_cfg' and its new name"):
+        TrainConfig.from_dict({"sample_cfg": 4, "sample_guidance_scale": 2})
+    assert main(["train", "--sample-cfg", "5", "--print-config"]) == 0  # the old flag, unlisted in --help
+    assert yaml.safe_load(capsys.readouterr().out)["sample_guidance_scale"] == 5.0
+
+
 def test_cli_unknown_key_in_file_is_one_line_error(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("batchsize: 4\n")
