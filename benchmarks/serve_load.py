@@ -91,15 +91,12 @@ def fire(url: str, specs: list[dict], timeout: float = 300.0) -> tuple[list[dict
 
 
 # ---------------------------------------------------------------------- checking
-def reference(model, spec: dict, guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
-    """What the model gives for this request alone: pixel arrays, or the text."""
-    from lmfusion.sampling.image import generate_image
-    from lmfusion.sampling.text import generate_text
-
+def reference(pipe, spec: dict, guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
+    """What the model (in an LMFusionPipeline) gives for this request alone: pixel arrays, or the text."""
     if spec["kind"] == "image":
-        images = generate_image(model, spec["prompt"], spec["steps"], guidance_scale, spec["seed"], n=spec["n"], progress=False)
+        images = pipe.generate_image(spec["prompt"], spec["steps"], guidance_scale, spec["seed"], n=spec["n"], progress=False)
         return [np.asarray(image, dtype=np.int16) for image in images]
-    return generate_text(model, spec["prompt"], spec["max_tokens"])
+    return pipe.generate_text(spec["prompt"], spec["max_tokens"])
 
 
 def problems(specs: list[dict], results: list[dict], references: list) -> list[str]:
@@ -118,11 +115,11 @@ def problems(specs: list[dict], results: list[dict], references: list) -> list[s
     return found
 
 
-def load_test(url: str, model, specs: list[dict], references: list | None = None) -> dict:
-    """Fire `specs` at the server at `url` and check everything; a summary with the problems."""
+def load_test(url: str, pipe, specs: list[dict], references: list | None = None) -> dict:
+    """Fire `specs` at the server at `url` and check everything against `pipe`; a summary with the problems."""
     from urllib.request import urlopen
 
-    references = references if references is not None else [reference(model, spec) for spec in specs]
+    references = references if references is not None else [reference(pipe, spec) for spec in specs]
     load_before, cpu_before = os.getloadavg()[0], time.process_time()
     results, wall = fire(url, specs)
     load_after, cpu = os.getloadavg()[0], time.process_time() - cpu_before
@@ -159,24 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from lmfusion.sampling.pipeline import LMFusionPipeline, load_model
     from lmfusion.serving.app import ServeSettings, create_app
     from lmfusion.serving.server import ServerThread
 
     if args.checkpoint:
-        from lmfusion.sampling.pipeline import load_model
-
         model, model_name = load_model(args.checkpoint, "cpu"), args.checkpoint
     else:
         model, model_name = build_tiny_model(Path(tempfile.mkdtemp(prefix="serve_load_"))), "tiny random model (tests' config)"
     specs = make_requests(args.requests, args.steps)
     print(f"references: {len(specs)} requests, each alone ...", file=sys.stderr)
-    references = [reference(model, spec) for spec in specs]
+    pipe = LMFusionPipeline(model)
+    references = [reference(pipe, spec) for spec in specs]
     rows, failed = [], False
     for repeat in range(args.repeats):
         for batching in (True, False):
             app = create_app(model, ServeSettings(batching=batching, max_queue=args.max_queue, steps=args.steps))
             with ServerThread(app) as server:
-                summary = load_test(server.url, model, specs, references)
+                summary = load_test(server.url, pipe, specs, references)
                 stats = server.worker.stats
             summary.update(batching=batching, repeat=repeat + 1, batches=stats.batches, largest=stats.largest_batch)
             rows.append(summary)

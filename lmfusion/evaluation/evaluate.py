@@ -105,7 +105,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate one checkpoint (model, checkpoint or run folder) on ``data``; write and return the report."""
     from ..model.lmfusion import LMFusionModel
-    from ..sampling.image import get_codec
+    from ..sampling.pipeline import LMFusionPipeline
     from ..run_folders import resolve_checkpoint
 
     settings = settings or EvalSettings()
@@ -114,8 +114,7 @@ def evaluate_checkpoint(
     out_dir = Path(out) if out is not None else default_out_dir(model_dir)
     started = time.time()
     model = LMFusionModel.from_pretrained(model_dir, base_model=settings.base_model).to(device).eval()
-    codec = get_codec(model)
-    codec = codec.to(device) if hasattr(codec, "to") else codec
+    pipe = LMFusionPipeline(model)
     sampler = settings.scheduler or model.objective.default_sampler  # settings stay as asked: reports compare them
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -136,13 +135,13 @@ def evaluate_checkpoint(
     test = load_split(test_path, model.config.image_size, settings.n)
     with timer("captioning"):
         report(f"[eval] captioning {len(test)} test images")
-        captions = caption_images(model, test.images, settings.batch_size, settings.max_new_tokens, codec)
+        captions = caption_images(pipe, test.images, settings.batch_size, settings.max_new_tokens)
         result["understanding"] = caption_metrics(captions, test.captions, test.metas)
         result["understanding"]["samples"] = [{"reference": r, "caption": c} for r, c in zip(test.captions, captions)]
     with timer("generation"):
         report(f"[eval] generating {len(test)} images ({settings.steps} {sampler} steps, guidance scale {settings.guidance_scale})")
-        generated = generate_images(model, test.captions, settings.seed, settings.steps, settings.guidance_scale,
-                                    settings.scheduler, settings.batch_size, codec)
+        generated = generate_images(pipe, test.captions, settings.seed, settings.steps, settings.guidance_scale,
+                                    settings.scheduler, settings.batch_size)
     with timer("image_metrics"):
         result["generation"] = _image_metrics(data, test, test_path, generated, model.config.image_size, settings, report)
     result["seconds"] = round(time.time() - started, 1)

@@ -13,47 +13,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..sampling.pipeline import LMFusionPipeline
 from .feature_net import TrainedFeatureNet
 from .fid import fid_from_features
 
 ORACLE_KEYS = ("shape", "colour", "size", "position", "count", "all_correct", "white_background", "colour_on_white")
 
 
-@torch.no_grad()
 def generate_images(
-    model,
+    pipe: LMFusionPipeline,
     prompts: Sequence[str],
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 1.0,
     scheduler: str | None = None,
     batch_size: int = 16,
-    codec=None,
 ) -> torch.Tensor:
     """``[N, 3, S, S]`` images in [0, 1], image i from ``prompts[i]`` with seed ``seed + i``.
 
-    ``lmfusion.sampling.generate_image`` seeds image k of *each* prompt with seed + k, so a batch
-    of prompts with n=1 would share one starting noise. Here every image gets its own seed while
-    prompts are still batched (one forward per step for the whole batch and both guidance
-    branches); image i is exactly ``generate_image(model, prompts[i], seed=seed + i)``.
+    The pipeline's own sampler, ``batch_size`` prompts per call (one forward per step for the
+    batch and both guidance branches), with one seed per image; image i is exactly
+    ``pipe.generate_image(prompts[i], seed=seed + i)``.
     """
-    from ..sampling.image import check_sampling_args, decode_latents, denoise, prompt_tokens
-    from ..sampling.text import Context
-
-    check_sampling_args(steps, guidance_scale, 1, scheduler, model.config.objective)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        tokens = [prompt_tokens(model, p) for p in chunk]
-        rows = torch.arange(len(chunk))
-        if guidance_scale != 1:  # conditional rows, then the BOI-only unconditional row per image
-            context = Context.from_tokens(model, tokens + [[model.boi_token_id]])
-            branch = context.select(torch.cat([rows, torch.full_like(rows, len(chunk))]))
-        else:
-            branch = Context.from_tokens(model, tokens)
-        generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
-        latents = denoise(model, [branch], generators, steps, guidance_scale, scheduler, progress=False)
-        images.append(decode_latents(model, latents, codec))
+        seeds = [seed + start + k for k in range(len(chunk))]
+        images.append(pipe.generate_image(chunk, steps, guidance_scale, seeds, scheduler, output="tensor", progress=False))
     return torch.cat(images)
 
 

@@ -14,20 +14,19 @@ import torch
 
 from ..data.shapes import cell_of
 from ..data.shapes_oracle import infer_relation, parse_shapes_caption
+from ..sampling.pipeline import LMFusionPipeline
 from .cider import cider_d, exact_match
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 _INVERSE = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
 
 
-def caption_images(model, images: torch.Tensor, batch_size: int = 16, max_new_tokens: int = 32, codec=None) -> list[str]:
+def caption_images(pipe: LMFusionPipeline, images: torch.Tensor, batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
     """Greedy captions (the paper's protocol) for ``[N, 3, S, S]`` images, in batches."""
-    from ..sampling import caption
-
     captions: list[str] = []
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start : start + batch_size]
-        captions.extend(caption(model, chunk, max_new_tokens=max_new_tokens, codec=codec))
+        captions.extend(pipe.caption(chunk, max_new_tokens=max_new_tokens))
     return captions
 
 

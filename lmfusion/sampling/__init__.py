@@ -1,8 +1,11 @@
 """Inference: text-to-image, captioning, interleaved generation and plain text.
 
-Functions take the model first (`generate_image(model, prompt, ...)`), and `LMFusionPipeline`
-owns a loaded model and its codec and offers the same calls (`pipe.generate_image(prompt)`), as
-in diffusers. The model never imports this package; imports here load on first use.
+`LMFusionPipeline` owns a loaded model and its image codec and offers every call
+(`pipe.generate_image(prompt)`, `pipe.caption(image)`, ...), as in diffusers; the CLI, the server,
+evaluation and the trainer's sample grids use it. Underneath are plain functions that take the
+model first (`sample_latents(model, prompt, ...)`), and, where they read or write pixels, the codec
+explicitly (`generate_image(model, prompt, codec=...)`). The model never imports this package;
+imports here load on first use.
 """
 
 from __future__ import annotations

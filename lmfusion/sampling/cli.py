@@ -87,16 +87,16 @@ def _add_chat(subparsers) -> None:
 
 # ---------------------------------------------------------------------- commands
 def run_generate(args) -> int:
-    from .image import check_sampling_args, generate_image
+    from .image import check_sampling_args
 
     check_sampling_args(args.steps, args.guidance_scale, args.n, args.scheduler)
     if not args.prompt.strip() and not args.unconditional:
         raise ValueError("prompt is empty (use --unconditional for an unconditional sample)")
     out = Path(args.out)
     image_format = _image_format(out)
-    model = _load(args)
-    images = generate_image(
-        model, args.prompt, args.steps, args.guidance_scale, args.seed, args.scheduler, args.n,
+    pipe = _load(args)
+    images = pipe.generate_image(
+        args.prompt, args.steps, args.guidance_scale, args.seed, args.scheduler, args.n,
         allow_empty=args.unconditional, output="tensor",
     )
     if args.n > 1 and args.separate:
@@ -116,28 +116,28 @@ def run_generate(args) -> int:
 
 def run_caption(args) -> int:
     from ..data.images import verify_image
-    from .text import TokenPicker, caption
+    from .text import TokenPicker
 
     TokenPicker(args.temperature, args.top_p)  # validates before the model loads
     for path in args.image:
         verify_image(path)  # raises BadImageError (a ValueError) naming the file
-    model = _load(args)
-    texts = caption(model, list(args.image), args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    pipe = _load(args)
+    texts = pipe.caption(list(args.image), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
     for path, text in zip(args.image, texts):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
     return 0
 
 
 def run_chat(args) -> int:
-    from .interleaved import InterleavedSession, MarkdownTranscript
+    from .interleaved import MarkdownTranscript
 
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("prompt is empty")
     transcript = MarkdownTranscript(args.out)
-    model = _load(args)
-    session = InterleavedSession(
-        model, args.max_new_tokens, args.max_images, args.temperature, args.top_p, args.seed,
-        args.steps, args.guidance_scale, args.scheduler,
+    session = _load(args).chat(
+        max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
     )
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for prompt in prompts:
@@ -151,9 +151,9 @@ def run_chat(args) -> int:
 
 # ---------------------------------------------------------------------- helpers
 def _load(args):
-    from .pipeline import load_model
+    from .pipeline import LMFusionPipeline
 
-    return load_model(args.checkpoint, args.device)
+    return LMFusionPipeline.from_pretrained(args.checkpoint, args.device)
 
 
 def _stdin_prompts():

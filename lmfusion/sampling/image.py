@@ -5,43 +5,33 @@ and every denoising step only runs the image tokens against the cache. Several p
 images each, and the two classifier-free-guidance branches share ONE forward per step: all
 their prefixes are left-padded into one batch. The unconditional branch is the prompt-less
 layout the model was trained on for caption dropout: just BOI.
+
+The sampler works in latents and never touches the codec. Functions that take or give pixels
+(`generate_image`, `encode_images`, `decode_latents`) are handed the codec explicitly; its owner
+is `LMFusionPipeline` (or, during training, the trainer that built it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from weakref import WeakKeyDictionary
 
 import torch
 from tqdm.auto import tqdm
 
+from ..codecs.base import ImageCodec
 from ..codecs.registry import latent_clip
 from ..diffusion import DEFAULT_GUIDANCE_SCALE, check_sampler
 from .text import Context, encode_text, max_positions
 
-_CODECS: WeakKeyDictionary = WeakKeyDictionary()
-
-
 # ---------------------------------------------------------------------- codec and image I/O
-def get_codec(model):
-    """The model's image codec (built once per model from `model.config.codec`)."""
-    if model not in _CODECS:
-        from ..codecs import load_codec
-
-        _CODECS[model] = load_codec(**model.config.codec)
-    return _CODECS[model].to(model.device)
-
-
-def encode_images(model, pixels: torch.Tensor, codec=None) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] -> clean latents [N, C, h, w] (fp32)."""
-    codec = codec or get_codec(model)
+def encode_images(codec: ImageCodec, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] -> clean latents [N, C, h, w] (fp32) on `device` (the model's)."""
     with torch.no_grad():
-        return codec.encode(pixels.to(model.device)).float()
+        return codec.encode(pixels.to(device)).float().to(device)
 
 
-def decode_latents(model, latents: torch.Tensor, codec=None) -> torch.Tensor:
-    """Latents -> images [N, 3, H, W] in [0, 1]."""
-    codec = codec or get_codec(model)
+def decode_latents(codec: ImageCodec, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images [N, 3, H, W] in [0, 1], on the CPU."""
     with torch.no_grad():
         return codec.decode(latents).float().clamp(0, 1).cpu()
 
@@ -212,21 +202,21 @@ def generate_image(
     allow_empty: bool = False,
     output: str = "pil",
     progress: bool = True,
-    codec=None,
+    *,
+    codec: ImageCodec,
 ):
     """Generate n images per prompt; a list, prompt-major, of PIL images (or one tensor).
 
-    output: "pil" (list of PIL images), "tensor" ([N, 3, H, W] in [0, 1]) or "latent".
-    guidance_scale: classifier-free guidance, eps = uncond + s * (cond - uncond); 1 = none.
+    output: "pil" (list of PIL images) or "tensor" ([N, 3, H, W] in [0, 1]); `sample_latents`
+    gives the latents. guidance_scale: classifier-free guidance, eps = uncond + s * (cond - uncond);
+    1 = none. codec: the model's image codec (`LMFusionPipeline` passes its own).
     """
-    if output not in ("pil", "tensor", "latent"):
-        raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+    if output not in ("pil", "tensor"):
+        raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
     latents = sample_latents(
         model, prompt, n, steps, guidance_scale, seed, scheduler, allow_empty, progress=progress
     )
-    if output == "latent":
-        return latents
-    images = decode_latents(model, latents, codec)
+    images = decode_latents(codec, latents)
     if output == "tensor":
         return images
     from ..data.images import to_pil

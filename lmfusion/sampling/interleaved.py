@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..codecs.base import ImageCodec
 from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from ..utils import atomic_write_bytes
 from .image import check_sampling_args, decode_latents, denoise, image_generators
@@ -35,7 +36,8 @@ class InterleavedSession:
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         scheduler: str | None = None,
         progress: bool = True,
-        codec=None,
+        *,
+        codec: ImageCodec,
     ):
         check_sampling_args(steps, guidance_scale, 1, scheduler)
         if max_new_tokens < 1:
@@ -109,7 +111,7 @@ class InterleavedSession:
         context.append_image(latents)
         from ..data.images import to_pil
 
-        return to_pil(decode_latents(model, latents, self.codec)[0])
+        return to_pil(decode_latents(self.codec, latents)[0])
 
 
 def _flush_text(model, text_ids: list[int], parts: list) -> None:
@@ -120,13 +122,13 @@ def _flush_text(model, text_ids: list[int], parts: list) -> None:
         text_ids.clear()
 
 
-def generate_interleaved(model, prompt: str, **options) -> list:
+def generate_interleaved(model, prompt: str, *, codec: ImageCodec, **options) -> list:
     """Continue `prompt` with text and images; returns a list of str and PIL images.
 
     Options are those of `InterleavedSession` (max_new_tokens, max_images, temperature, top_p,
-    seed, steps, guidance_scale, scheduler, progress, codec).
+    seed, steps, guidance_scale, scheduler, progress).
     """
-    return InterleavedSession(model, **options).send(prompt)
+    return InterleavedSession(model, codec=codec, **options).send(prompt)
 
 
 class MarkdownTranscript:

@@ -1,4 +1,4 @@
-"""`LMFusionPipeline`: a loaded model and its codec behind the four user-facing entry points.
+"""`LMFusionPipeline`: a loaded model and its codec behind the user-facing entry points.
 
     pipe = LMFusionPipeline.from_pretrained("runs/shapes")      # a run folder or a model folder
     pipe.generate_image("a red circle", steps=50, guidance_scale=1.6, seed=0)   # [PIL.Image]
@@ -7,17 +7,22 @@
     pipe.generate_text("The capital of France is")                              # str
 
 The same functions are plain functions taking the model first (lmfusion.sampling.image/text/
-interleaved). The model itself has no sampling methods: the pipeline owns it, as in diffusers.
+interleaved), and those that read or write pixels also take `codec=`. The model itself has no
+sampling methods and no codec: the pipeline owns both, as a diffusers pipeline owns its unet and vae.
+The CLI, the server, evaluation and the trainer's sample grids all go through it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..codecs import load_codec
+from ..codecs.base import ImageCodec
 from ..diffusion import DEFAULT_GUIDANCE_SCALE
-from .image import generate_image, get_codec
+from .image import generate_image, sample_latents
 from .interleaved import InterleavedSession, generate_interleaved
 from .text import caption, generate_text
 
@@ -46,19 +51,28 @@ def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype =
 
 
 class LMFusionPipeline:
-    """A model plus its image codec; every method forwards to the sampling functions."""
+    """A model and its image codec; every method forwards to the sampling functions.
 
-    def __init__(self, model, codec=None):
+    The pipeline is the codec's one owner: it builds the codec the model was trained with
+    (`model.config.codec`) on the model's device, or takes one already built (the trainer's), and
+    hands it to the functions that read or write pixels.
+    """
+
+    def __init__(self, model, codec: ImageCodec | None = None):
         self.model = model
-        self.codec = codec if codec is not None else get_codec(model)
+        self.codec = codec if codec is not None else load_codec(**model.config.codec).to(model.device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionPipeline":
         return cls(load_model(path, device, dtype))
 
-    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = DEFAULT_GUIDANCE_SCALE, seed: int | None = None,
-                       scheduler: str | None = None, n: int = 1, **options):
+    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                       seed: int | Sequence[int] | None = None, scheduler: str | None = None, n: int = 1, **options):
         return generate_image(self.model, prompt, steps, guidance_scale, seed, scheduler, n, codec=self.codec, **options)
+
+    def sample_latents(self, prompts, **options) -> torch.Tensor:
+        """The latents `generate_image` would decode (see `lmfusion.sampling.image.sample_latents`)."""
+        return sample_latents(self.model, prompts, **options)
 
     def caption(self, image, **options):
         return caption(self.model, image, codec=self.codec, **options)

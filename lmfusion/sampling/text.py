@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from ..codecs.base import ImageCodec
     from ..model.lmfusion import LMFusionModel
 
 from .context import Context, pad_id  # noqa: F401  (Context re-exported: samplers import it from here)
@@ -164,17 +165,18 @@ def generate_text(
 @torch.no_grad()
 def caption(
     model, image, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-    use_cache: bool = True, codec=None,
+    use_cache: bool = True, *, codec: ImageCodec,
 ):
     """Describe an image: BOI [clean patches, t = 0] EOI, then decode until eos / EOI.
 
     `image` is a path, a PIL image, a [3, H, W] tensor in [0, 1] (one caption, a str) or a list
-    of those / an [N, 3, H, W] tensor (a list of str, decoded as one batch).
+    of those / an [N, 3, H, W] tensor (a list of str, decoded as one batch). codec: the model's
+    image codec (`LMFusionPipeline` passes its own).
     """
     from .image import encode_images, load_images
 
     pixels, single = load_images(model, image)
-    latents = encode_images(model, pixels, codec)
+    latents = encode_images(codec, pixels, model.device)
     context = Context.from_tokens(model, [[model.boi_token_id]] * len(latents), use_cache=use_cache)
     context.append_image(latents)
     stops = eos_ids(model) | {model.eoi_token_id}

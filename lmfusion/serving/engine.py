@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling.image import check_sampling_args, generate_image, get_codec, prompt_tokens
-from ..sampling.interleaved import InterleavedSession
-from ..sampling.text import caption, eos_ids, iter_text_ids, max_positions
+from ..sampling.image import check_sampling_args, prompt_tokens
+from ..sampling.pipeline import LMFusionPipeline
+from ..sampling.text import eos_ids, iter_text_ids, max_positions
 from .worker import ImageWork
 
 
@@ -28,11 +28,11 @@ class TextResult:
 
 
 class Engine:
-    """One model and its codec; turns API-level requests into sampling calls."""
+    """One model and its codec (in an `LMFusionPipeline`); turns API-level requests into sampling calls."""
 
     def __init__(self, model, name: str = "lmfusion"):
         self.model, self.name = model, name
-        self.codec = get_codec(model)
+        self.pipe = LMFusionPipeline(model)
         self.image_size = int(model.config.image_size)
         self.tokenizer = model.tokenizer
 
@@ -79,9 +79,9 @@ class Engine:
         first = works[0]
         prompts = [work.prompt for work in works for _ in range(work.n)]
         seeds = [work.seed + k for work in works for k in range(work.n)]
-        images = generate_image(
-            self.model, prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
-            scheduler=first.scheduler, n=1, progress=False, codec=self.codec,
+        images = self.pipe.generate_image(
+            prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
+            scheduler=first.scheduler, n=1, progress=False,
         )
         out, start = [], 0
         for work in works:
@@ -115,14 +115,14 @@ class Engine:
 
     def caption(self, images: list[torch.Tensor], max_tokens: int, temperature: float, top_p: float,
                 seed: int | None) -> list[str]:
-        return caption(self.model, list(images), max_tokens, temperature, top_p, seed, codec=self.codec)
+        return self.pipe.caption(list(images), max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def interleaved(self, prompt: str, max_tokens: int, max_images: int, temperature: float, top_p: float,
                     seed: int | None, steps: int, guidance_scale: float, scheduler: str) -> list:
         """Text and PIL images in reading order."""
-        session = InterleavedSession(
-            self.model, max_tokens, max_images, temperature, top_p, seed, steps, guidance_scale, scheduler,
-            progress=False, codec=self.codec,
+        session = self.pipe.chat(
+            max_new_tokens=max_tokens, max_images=max_images, temperature=temperature, top_p=top_p, seed=seed,
+            steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, progress=False,
         )
         return session.send(prompt)
 

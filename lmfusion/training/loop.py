@@ -404,7 +404,7 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
     Optional by design: the samplers live in lmfusion.sampling; if that is missing the run goes on.
     """
     try:
-        from ..sampling import caption, generate_image
+        from ..sampling import LMFusionPipeline
     except (ImportError, AttributeError) as error:
         log.say(f"step {step}: samples skipped (lmfusion.sampling unavailable: {error})")
         return
@@ -413,11 +413,12 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
     was_training = model.training
     model.eval()
     try:
-        images = generate_image(model, list(config.sample_prompts), steps=config.sample_steps,
-                                guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
-                                progress=False, codec=codec)
+        pipe = LMFusionPipeline(model, codec)  # the trainer's codec: the one the data was encoded with
+        images = pipe.generate_image(list(config.sample_prompts), steps=config.sample_steps,
+                                     guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
+                                     progress=False)
         pixels = codec.decode(data.latents[:4].to(model.device)).float().cpu()
-        captions = caption(model, pixels, codec=codec)
+        captions = pipe.caption(pixels)
     except Exception as error:  # a sampler bug must not kill a long run; the checkpoint is safe
         log.say(f"step {step}: sample writing failed, training goes on: {type(error).__name__}: {error}")
         return

@@ -1,4 +1,4 @@
-"""Batched evaluation sampling equals the public sampler image by image; generation metrics on real images."""
+"""Evaluation samples through the pipeline, batched, and equals it image by image; generation metrics on real images."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from lmfusion.evaluation.data import feature_net_for, load_split, split_paths
 from lmfusion.evaluation.feature_net import FeatureNetRecipe
 from lmfusion.evaluation.generation import generate_images, generation_metrics, oracle_scores
 from lmfusion.model.lmfusion import LMFusionModel
-from lmfusion.sampling import generate_image
+from lmfusion.sampling import LMFusionPipeline
 from lmfusion.testing import tiny_lmfusion_config
 
 PROMPTS = ["a small red circle", "a large blue square on the left", "a small red circle"]
@@ -21,12 +21,17 @@ def model(tiny_base):
     return model
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_each_image_is_the_public_sampler_with_its_own_seed(model, guidance):
-    batched = generate_images(model, PROMPTS, seed=7, steps=3, guidance_scale=guidance, batch_size=2)
+@pytest.fixture(scope="module")
+def pipe(model):
+    return LMFusionPipeline(model)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_each_image_is_the_public_sampler_with_its_own_seed(pipe, guidance_scale):
+    batched = generate_images(pipe, PROMPTS, seed=7, steps=3, guidance_scale=guidance_scale, batch_size=2)
     assert batched.shape == (3, 3, 16, 16)
     for i, prompt in enumerate(PROMPTS):
-        alone = generate_image(model, prompt, steps=3, guidance_scale=guidance, seed=7 + i, output="tensor", progress=False)
+        alone = pipe.generate_image(prompt, steps=3, guidance_scale=guidance_scale, seed=7 + i, output="tensor", progress=False)
         torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
     assert not torch.equal(batched[0], batched[2])  # same prompt, different seed
 

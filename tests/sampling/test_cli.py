@@ -4,7 +4,6 @@ import io
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from lmfusion.cli import main
@@ -169,18 +168,3 @@ def test_caption_bad_temperature(checkpoint, image_file, capsys):
 def test_chat_bad_input(checkpoint, tmp_path, capsys, extra, fragment):
     code, _, err = _run(capsys, "chat", "--checkpoint", checkpoint, "--out", tmp_path / "c", *extra)
     _assert_one_line_error(code, err, "chat", fragment)
-
-
-def test_the_pipeline_owns_model_and_codec(peaky_base, pixel_codec):
-    from lmfusion.model.lmfusion import LMFusionModel
-    from lmfusion.sampling import LMFusionPipeline
-    from lmfusion.testing import tiny_lmfusion_config
-
-    assert not hasattr(LMFusionModel, "generate_image")  # the model knows nothing of sampling
-    model = LMFusionModel.from_text_model(str(peaky_base), tiny_lmfusion_config(str(peaky_base))).eval()
-    pipe = LMFusionPipeline(model, codec=pixel_codec)
-    images = pipe.generate_image("a red circle", steps=1, seed=0, n=2, progress=False)
-    assert len(images) == 2
-    assert isinstance(pipe.caption(torch.rand(3, 16, 16), max_new_tokens=3), str)
-    assert isinstance(pipe.generate_text("a red", max_new_tokens=3), str)
-    assert all(isinstance(p, (str, Image.Image)) for p in pipe.generate_interleaved("a red", max_new_tokens=3, steps=1, progress=False))

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from lmfusion.data.images import to_pil
-from lmfusion.sampling.image import generate_image
-from lmfusion.sampling.text import caption, generate_text
+from lmfusion.sampling import LMFusionPipeline
+from lmfusion.sampling.text import generate_text
 
 from serve_helpers import STEPS, http
 
@@ -63,7 +63,7 @@ def test_images_are_pngs_of_the_model_size_with_consecutive_seeds(client):
 def test_an_image_is_what_generate_image_draws_for_its_seed(client, model):
     response = client.images.generate(prompt="a small blue square", extra_body={"seed": 5, "guidance_scale": 2.0})
     served = _pixels(_png(response.data[0].b64_json))
-    direct = generate_image(model, "a small blue square", steps=STEPS, guidance_scale=2.0, seed=5, progress=False)[0]
+    direct = LMFusionPipeline(model).generate_image("a small blue square", steps=STEPS, guidance_scale=2.0, seed=5, progress=False)[0]
     assert np.abs(served - _pixels(direct)).max() <= 1  # equal up to rounding to 8 bits
 
 
@@ -92,7 +92,7 @@ def test_an_image_and_a_request_to_describe_it_gives_the_caption(client, model, 
     content = [{"type": "text", "text": "Describe this image."}, {"type": "image_url", "image_url": {"url": _data_url(picture)}}]
     reply = client.chat.completions.create(model="lmfusion", messages=[{"role": "user", "content": content}], max_tokens=8)
     text = reply.choices[0].message.content
-    assert isinstance(text, str) and text == caption(model, picture, 8)
+    assert isinstance(text, str) and text == LMFusionPipeline(model).caption(picture, max_new_tokens=8)
 
 
 def test_a_chat_that_may_draw_answers_in_the_documented_shape(client):

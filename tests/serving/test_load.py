@@ -24,28 +24,35 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def load(bench, model):
+def pipe(model):
+    from lmfusion.sampling import LMFusionPipeline
+
+    return LMFusionPipeline(model)
+
+
+@pytest.fixture(scope="module")
+def load(bench, pipe):
     specs = bench.make_requests(32, STEPS)
-    return specs, [bench.reference(model, spec) for spec in specs]
+    return specs, [bench.reference(pipe, spec) for spec in specs]
 
 
-def test_32_concurrent_requests_are_answered_each_with_its_own_result(bench, server, model, load):
+def test_32_concurrent_requests_are_answered_each_with_its_own_result(bench, server, pipe, load):
     specs, references = load
     batches_before = server.worker.stats.batches
-    summary = bench.load_test(server.url, model, specs, references)
+    summary = bench.load_test(server.url, pipe, specs, references)
     assert summary["problems"] == [] and summary["errors"] == 0
     assert summary["answered"] == 32 and summary["healthy"]
     images = sum(spec["kind"] == "image" for spec in specs)
     assert server.worker.stats.batches - batches_before < images  # some requests really were batched
 
 
-def test_a_small_queue_rejects_cleanly_and_answers_the_rest_correctly(bench, start_server, model, load):
+def test_a_small_queue_rejects_cleanly_and_answers_the_rest_correctly(bench, start_server, pipe, load):
     specs, references = load
     small = start_server(max_queue=4, batching=False)
     release = threading.Event()
     small.worker.submit_call(lambda cancelled: release.wait(120))  # busy until the queue overflows
     threading.Thread(target=lambda: (_wait_until(lambda: small.worker.stats.rejected > 0), release.set())).start()
-    summary = bench.load_test(small.url, model, specs, references)
+    summary = bench.load_test(small.url, pipe, specs, references)
     assert summary["problems"] == [] and summary["errors"] == 0
     assert summary["rejected"] > 0 and summary["answered"] >= 4
     assert summary["answered"] + summary["rejected"] == 32 and summary["healthy"]
