@@ -41,6 +41,7 @@ from lmfusion.training.flops import run_step_flops
 from lmfusion.evaluation.tables import write_results
 from lmfusion.training import load_config, train
 from lmfusion.training.checkpoint import latest_checkpoint, resolve_checkpoint
+from lmfusion.training.config import RENAMED_KEYS
 
 MODES = ("lmfusion", "scratch", "dense", "ffn_only")
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,8 @@ def step_flops(mode: str, work: Path, data: Path, base_model: str, settings: dic
     path = work / "flops" / f"{mode}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:
+        cached_key = {RENAMED_KEYS.get(k, k): v for k, v in cached.get("key", {}).items()}  # caches from before a rename
+        if cached_key == key:
             return cached["flops"]
     print(f"[replication] measuring FLOPs per step of {mode}", flush=True)
     flops = run_step_flops(config, settings["flop_sample_steps"])

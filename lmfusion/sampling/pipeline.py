@@ -1,7 +1,7 @@
 """`LMFusionPipeline`: a loaded model and its codec behind the user-facing entry points.
 
     pipe = LMFusionPipeline.from_pretrained("runs/shapes")      # a run folder or a model folder
-    pipe.generate_image("a red circle", steps=50, guidance_scale=1.6, seed=0)   # [PIL.Image]
+    pipe.generate_image("a red circle", steps=50, guidance_scale=3.0, seed=0)   # [PIL.Image]
     pipe.caption("photo.png")                                                   # str
     pipe.generate_interleaved("Draw a red circle, then describe it.")           # [str | PIL.Image]
     pipe.generate_text("The capital of France is")                              # str
