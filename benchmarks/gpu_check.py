@@ -108,7 +108,7 @@ def check_sampling(base: str, device: torch.device, steps: int) -> dict:
         sync(device)
         times[name] = time.perf_counter() - start
     diff = (out["prefix cache"] - out["no prefix cache"]).abs().max().item()
-    return {"seconds": times, "max_diff": diff, "steps": steps}
+    return {"seconds": times, "max_diff": diff, "steps": steps, "sampler": model.objective.default_sampler}
 
 
 def main() -> int:
@@ -128,7 +128,7 @@ def main() -> int:
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = [f"# GPU check: {args.base} on {name}", "",
-              f"`python benchmarks/gpu_check.py --base {args.base} --device {args.device}` (torch {torch.__version__})", ""]
+              f"`python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` (torch {torch.__version__})", ""]
     failures = []
 
     report += ["## Training, bf16 autocast, pixel codec 64 px, 8x8 patches", "",
@@ -148,7 +148,7 @@ def main() -> int:
             failures.append(f"text logits ({case}) differ from the base model by up to {diff:.3g}")
 
     sampling = check_sampling(args.base, device, args.sample_steps)
-    report += ["", f"## Text-to-image sampling, {sampling['steps']} DDIM steps, one image, long prompt", "",
+    report += ["", f"## Text-to-image sampling, {sampling['steps']} {sampling['sampler']} steps, one image, long prompt", "",
                "| configuration | seconds | speed-up |", "|---|---|---|"]
     slow = sampling["seconds"]["no prefix cache"]
     for case, seconds in sampling["seconds"].items():
