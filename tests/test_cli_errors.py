@@ -26,3 +26,23 @@ def test_only_user_errors_become_one_line(monkeypatch, capsys, error, user):
     else:
         with pytest.raises(KeyError):
             cli.main([])
+
+
+def test_every_flag_of_every_command_has_help_text():
+    """`lmfusion <command> --help` explains every flag (the guide: help text on every flag)."""
+    import argparse
+
+    from lmfusion.cli import build_parser
+
+    missing = []
+
+    def walk(parser, command):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{command} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{command}: {action.option_strings[0]}")
+
+    walk(build_parser(), "lmfusion")
+    assert not missing, missing

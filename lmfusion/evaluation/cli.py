@@ -26,11 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=20, help="denoising steps per generated image (default 20; the model's own sampler)")
     add_guidance_scale_argument(p, EvalSettings.guidance_scale,
                                 "classifier-free guidance scale; 1 = none, the paper's FID protocol")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of generated image i is seed + i (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (default 16)")
     p.add_argument("--base-model", default=None, help="load the base LM from here instead of the checkpoint's base_model")
     p.add_argument("--feature-cache", default=None, help="folder for the cached FID feature net")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.set_defaults(func=run_eval)
 

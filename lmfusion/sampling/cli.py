@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 def _add_model_args(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="model folder, or a training run folder (its latest model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed: image k of a prompt uses seed + k (default 0)")
 
 
 def _add_diffusion_args(parser) -> None:
@@ -46,15 +46,16 @@ def add_guidance_scale_argument(parser, default: float = DEFAULT_GUIDANCE_SCALE,
 
 
 def _add_decoding_args(parser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"most tokens generated per reply (default {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default 1.0)")
 
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text-to-image", description="Generate images from a text prompt.")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to draw")
     p.add_argument("--out", required=True, help="image file (.png, .jpg, ...)")
     p.add_argument("--n", type=int, default=1, help="images; n > 1 writes one grid to --out unless --separate")
     p.add_argument("--separate", action="store_true", help="with --n > 1: numbered files OUT_1.png ... instead of a grid")
