@@ -76,6 +76,11 @@ class LMFusionConfig:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+        if self.readout == "standardize" and self.tokens_per_image == 1:
+            # Its batch statistics would come from a single value per dim for a one-image batch.
+            raise ValueError(f"readout 'standardize' needs more than one token per image, but patch_size "
+                             f"{self.patch_size} covers the whole {self.latent_size}x{self.latent_size} latent: "
+                             "use a smaller patch_size or readout 'plain'")
 
     def _settle_latent_shape(self) -> None:
         """Derive latent_channels / latent_size from the codec, or check given ones against it."""

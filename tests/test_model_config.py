@@ -17,3 +17,10 @@ def test_a_latent_shape_that_contradicts_the_codec_says_what_to_set():
         LMFusionConfig(codec={"name": "taef2"}, latent_size=64, patch_size=2)
     with pytest.raises(ValueError, match="set latent_channels and latent_size"):
         LMFusionConfig(codec={"name": "diffusers", "path": "x"})
+
+
+def test_the_standardising_readout_refuses_one_token_images():
+    """BatchNorm over the image tokens has one value per dim for a one-image batch: refuse it."""
+    with pytest.raises(ValueError, match="more than one token per image"):
+        LMFusionConfig(codec={"name": "taef2"}, patch_size=8)  # 8x8 latent in one patch
+    assert LMFusionConfig(codec={"name": "taef2"}, patch_size=8, readout="plain").tokens_per_image == 1

@@ -16,6 +16,7 @@ from .formats import (
     detect_format,
     expand_shards,
     open_caption_dataset,
+    read_records,
 )
 from .images import (
     BadImageError,

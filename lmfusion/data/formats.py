@@ -9,6 +9,7 @@ refuse to start only when nothing usable is left (:class:`NoUsableDataError`).
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -427,6 +428,14 @@ def open_caption_dataset(path_or_spec: str | os.PathLike | Sequence[str], size: 
         spec = sorted(str(child) for child in Path(spec).iterdir()
                       if child.name.endswith(TAR_SUFFIXES))
     return WebDatasetCaptions(spec, size, **kw)
+
+
+def read_records(path_or_spec: str | os.PathLike | Sequence[str], size: int,
+                 limit: int | None = None) -> list[CaptionRecord]:
+    """The first ``limit`` usable records (all when None), in order; broken ones are skipped."""
+    dataset = open_caption_dataset(path_or_spec, size)
+    records = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
+    return list(itertools.islice(records, limit))
 
 
 # --------------------------------------------------------------------------- writing

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..base_models import cache_dir
-from ..data import open_caption_dataset
+from ..data import read_records
 from .feature_net import (
     FeatureNetRecipe,
     TrainedFeatureNet,
@@ -62,9 +61,7 @@ def split_paths(data: str | Path) -> tuple[Path, Path]:
 
 def load_split(path: str | Path, size: int, limit: int | None = None) -> Split:
     """The first ``limit`` records (all when None) at ``size`` px; skips broken records like training does."""
-    dataset = open_caption_dataset(path, size)
-    records = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
-    records = list(itertools.islice(records, limit))
+    records = read_records(path, size, limit)
     if not records:
         raise ValueError(f"no usable records in {path}")
     images = torch.stack([r.image for r in records])

@@ -164,21 +164,14 @@ def probe_records(data: str, image_size: int, codec, n: int) -> tuple[torch.Tens
     probes measure what the model does on images it never trained on; else the first training
     records.
     """
-    from ..data import open_caption_dataset
+    from ..data import read_records
 
     test = Path(data) / "test"
     source = test if (test / "metadata.jsonl").is_file() else Path(data)
-    dataset = open_caption_dataset(str(source), image_size)
-    records = iter(dataset) if not hasattr(dataset, "__len__") else (dataset[i] for i in range(len(dataset)))
-    images, captions = [], []
-    for record in records:
-        images.append(record.image)
-        captions.append(record.caption)
-        if len(images) == n:
-            break
+    records = read_records(str(source), image_size, n)
     with torch.no_grad():
-        latents = codec.encode(torch.stack(images)).float().cpu()
-    return latents, captions, "held-out test split" if source == test else "first training records"
+        latents = codec.encode(torch.stack([r.image for r in records])).float().cpu()
+    return latents, [r.caption for r in records], "held-out test split" if source == test else "first training records"
 
 
 def drop_superseded(path: Path, meta: dict[str, str]) -> list[Path]:

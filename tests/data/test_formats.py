@@ -104,6 +104,17 @@ def test_imagefolder_converts_good_and_counts_bad(messy_folder: Path) -> None:
     assert "missing_file=1" in summary and f"ok={len(dataset)}" in summary
 
 
+def test_read_records_takes_the_first_usable_records_in_order(messy_folder: Path) -> None:
+    from lmfusion.data import read_records
+
+    every = read_records(messy_folder, SIZE)
+    dataset = ImageFolderCaptions(messy_folder, SIZE)
+    assert [r.caption for r in every] == [dataset[i].caption for i in range(len(dataset))]
+    first_two = read_records(messy_folder, SIZE, limit=2)
+    assert [r.caption for r in first_two] == [r.caption for r in every[:2]]
+    assert all(torch.equal(a.image, b.image) for a, b in zip(first_two, every))
+
+
 def test_imagefolder_without_validation_replaces_broken_items(messy_folder: Path) -> None:
     dataset = ImageFolderCaptions(messy_folder, SIZE, validate=False)
     assert len(dataset) == len(GOOD_IMAGES) + len(BAD_IMAGES) + 1

@@ -140,3 +140,16 @@ def test_bad_records_are_counted_and_an_empty_dataset_is_a_clear_error(shapes, t
     empty = _imagefolder(tmp_path / "empty", [{"file_name": "missing.png", "text": "gone"}])
     with pytest.raises(ValueError, match="no usable"):
         load_or_encode(str(empty), 16, PixelCodec(), "none", progress=False)
+
+
+def test_probes_read_the_held_out_split_when_there_is_one(tmp_path):
+    from lmfusion.data import generate_shapes_dataset
+    from lmfusion.training.data import probe_records
+
+    split = generate_shapes_dataset(tmp_path / "split", 40, size=16, progress=False, split=True, test_fraction=0.2)
+    latents, captions, source = probe_records(str(split), 16, PixelCodec(), 5)
+    test_captions = [json.loads(line)["text"] for line in (split / "test" / "metadata.jsonl").read_text().splitlines()]
+    assert (source, captions, latents.shape) == ("held-out test split", test_captions[:5], (5, 3, 16, 16))
+    flat = generate_shapes_dataset(tmp_path / "flat", 6, size=16, progress=False)
+    _, captions, source = probe_records(str(flat), 16, PixelCodec(), 10)
+    assert source == "first training records" and len(captions) == 6
