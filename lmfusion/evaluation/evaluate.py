@@ -165,7 +165,7 @@ def _image_metrics(data, test, test_path: Path, generated, image_size: int, sett
     """FID (with the real-vs-real floor) and oracle scores; trains or loads the feature net."""
     net, net_path = feature_net_for(data, settings.recipe, settings.feature_cache, report)
     reference = _reference_images(data, test_path, image_size, len(test))
-    metrics = generation_metrics(generated, test.images, test.metas, net, reference)
+    metrics = generation_metrics(generated, test.images, test.metas, net, reference, prompts=test.captions)
     metrics["feature_net"] = {"path": str(net_path), "kind": net.kind, **net.metrics}
     return metrics
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..sampling.pipeline import LMFusionPipeline
-from .feature_net import TrainedFeatureNet
+from .feature_net import TrainedFeatureNet, label_accuracy, label_matrix
 from .fid import fid_from_features
 
 ORACLE_KEYS = ("shape", "colour", "size", "position", "count", "all_correct", "white_background", "colour_on_white")
@@ -57,12 +57,18 @@ def generation_metrics(
     metas: Sequence[dict],
     feature_net: TrainedFeatureNet,
     reference: torch.Tensor | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """FID of generated vs real images; oracle scores when the data stores scenes.
 
     ``reference`` (other real images, e.g. from the train split, as many as ``real``) gives
     FID(real, real'): the floor set by sampling noise alone at this n, which a perfect
     generator would score. Without it an FID of, say, 3 cannot be told from zero.
+
+    ``prompts`` (the caption each image was generated from) adds ``prompt_labels``: how well the
+    feature net's labels of each generated image match its prompt's (for word labels on a
+    class-captioned set such as Fashion-MNIST, ``all_labels_correct`` is class accuracy), beside
+    the same score on the real images, the net's own ceiling.
     """
     real_features = feature_net.features(real)
     result: dict[str, Any] = {
@@ -71,6 +77,10 @@ def generation_metrics(
     }
     if reference is not None:
         result["fid_real_vs_real"] = fid_from_features(real_features, feature_net.features(reference))
+    if prompts is not None:
+        targets = label_matrix(feature_net.kind, feature_net.label_names, prompts, metas)
+        result["prompt_labels"] = label_accuracy(feature_net, generated, targets)
+        result["prompt_labels_on_real"] = label_accuracy(feature_net, real, targets)
     if metas and all(m.get("objects") for m in metas):
         result["oracle"] = oracle_scores(generated, metas)
         result["oracle_on_real"] = oracle_scores(real, metas)  # the oracle's own ceiling on clean images

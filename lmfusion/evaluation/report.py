@@ -96,10 +96,17 @@ def _generation_section(gen: dict, grids: dict[str, str]) -> list[str]:
         row.append(gen["fid_real_vs_real"])
     lines += _table(header, [row]) + [""]
     if "oracle" in gen:
-        keys = ("shape", "colour", "size", "position", "count", "all_correct")
+        keys = ("shape", "colour", "size", "position", "count", "all_correct", "colour_on_white")
         lines += ["Oracle faithfulness (per-attribute accuracy of each image against its prompt's scene):", ""]
         lines += _table(["images", *keys], [["generated", *(gen["oracle"][k] for k in keys)],
                                            ["real (oracle ceiling)", *(gen["oracle_on_real"][k] for k in keys)]])
+        lines.append("")
+    if "prompt_labels" in gen:
+        keys = ("all_labels_correct", "balanced_accuracy")
+        lines += ["Prompt labels (the feature net's labels of each image against its prompt's; on a "
+                  "class-captioned set, all right = the class is right):", ""]
+        lines += _table(["images", *keys], [["generated", *(gen["prompt_labels"][k] for k in keys)],
+                                           ["real (net's ceiling)", *(gen["prompt_labels_on_real"][k] for k in keys)]])
         lines.append("")
     if net:
         lines += [f"Feature net: `{net.get('path')}` ({net.get('kind')} labels), test balanced accuracy "

@@ -46,3 +46,14 @@ def test_real_images_score_well(shapes_data, feature_cache):
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["fid_real_vs_real"] > 1.0  # noise is far from shapes
     assert metrics["oracle"] == metrics["oracle_on_real"]
+
+
+def test_prompt_labels_score_whether_an_image_shows_its_prompt(shapes_data, feature_cache):
+    test = load_split(split_paths(shapes_data)[1], 32, 20)
+    net, _ = feature_net_for(shapes_data, FeatureNetRecipe(), feature_cache)
+    matched = generation_metrics(test.images, test.images, test.metas, net, prompts=test.captions)
+    assert matched["prompt_labels"] == matched["prompt_labels_on_real"]
+    assert matched["prompt_labels"]["balanced_accuracy"] > 0.8
+    shuffled = test.images[torch.arange(len(test.images)).roll(1)]  # every image drawn for another prompt
+    wrong = generation_metrics(shuffled, test.images, test.metas, net, prompts=test.captions)
+    assert wrong["prompt_labels"]["balanced_accuracy"] < matched["prompt_labels"]["balanced_accuracy"] - 0.2
