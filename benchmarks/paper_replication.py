@@ -242,10 +242,14 @@ def main(argv=None) -> int:
         runs.append({"mode": mode, "steps": steps[mode], "flops_per_step": flops[mode],
                      "train_flops": flops[mode]["measured"] * steps[mode], "train_seconds": train_seconds(config.run_dir),
                      "run_dir": shown(config.run_dir), "eval": report})
+    recipe = train_config("lmfusion", 1, work, data, base_model, settings, args)
+    image_path = (f"{settings['image_size']} px images, {recipe.codec['name']} codec, {settings['patch_size']} px "
+                  f"patches of its latents, objective {recipe.model.get('objective', 'flow')}, "
+                  f"readout {recipe.model.get('readout', 'standardize')}")
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
     meta = {"command": command, "smoke": args.smoke, "recipe": args.recipe, "settings": {k: v for k, v in settings.items() if k != "recipe"},
             "budget_flops": budget, "base_model": shown(base_model) if Path(base_model).exists() else base_model,
-            "data": shown(data), "heldout_data": shown(heldout), "machine": machine(),
+            "data": shown(data), "heldout_data": shown(heldout), "image_path": image_path, "machine": machine(),
             "wall_seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     paths = write_results(Path(args.results), stem, meta, runs)
     print(f"[replication] wrote {paths[0]} and {paths[1]}", flush=True)

@@ -145,6 +145,12 @@ def claims(runs: list[dict]) -> list[str]:
     return lines + [_row([claim, here, _verdict(ok)]) for claim, here, ok in rows]
 
 
+def _image_path(meta: dict) -> str:
+    """How images entered the model; results written before meta recorded it used the pixel codec."""
+    s = meta["settings"]
+    return meta.get("image_path") or f"{s['image_size']} px pixel codec, {s['patch_size']} px patches"
+
+
 def markdown(meta: dict, runs: list[dict]) -> str:
     s = meta["settings"]
     floor = next((_metrics(r)["fid_floor"] for r in runs if _metrics(r)["fid_floor"] is not None), None)
@@ -158,8 +164,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         f"({meta['machine']['torch_threads']} threads, load average at the end {meta['machine']['load_average'][0]:.1f}); "
         f"{meta['date']}; this invocation took {meta['wall_seconds']:.0f} s (work reused from earlier invocations "
         "is not counted here: see Train s and Eval s under Runs).", "",
-        f"Setup: base `{meta['base_model']}`, shapes data `{meta['data']}`, {s['image_size']} px pixel codec, "
-        f"{s['patch_size']} px patches, batch {s['batch_size']}, lr {s['lr']} cosine to {s['min_lr']}, "
+        f"Setup: base `{meta['base_model']}`, shapes data `{meta['data']}`, {_image_path(meta)}, batch {s['batch_size']}, lr {s['lr']} cosine to {s['min_lr']}, "
         f"LMFusion {s['steps']} steps = budget {meta['budget_flops']:.3e} FLOPs (measured; see lmfusion.training.flops.py). "
         f"Evaluation: {s['eval_n']} test images / captions, {s['eval_steps']} denoising steps, no CFG, one seed.", "",
         "## Table 1 at small scale", "", *table1(runs, meta["budget_flops"]), "",
