@@ -37,20 +37,26 @@ def cell_symbol(pixels: np.ndarray, ink: float) -> str:
     return names[int(np.argmin(((np.array(colours[1:]) - mean) ** 2).sum(axis=1))) + 1]
 
 
-def image_as_text(image: np.ndarray, cell: int, ink: float) -> list[str]:
+def mono_symbol(pixels: np.ndarray, ink: float) -> str:
+    """White or black by the cell's mean brightness (greyscale images: the palette has no greys)."""
+    return "⬜" if pixels.astype(float).mean() >= 128 else "⬛"
+
+
+def image_as_text(image: np.ndarray, cell: int, ink: float, mono: bool = False) -> list[str]:
     rows = image.shape[0] // cell
     cols = image.shape[1] // cell
-    return ["".join(cell_symbol(image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], ink) for c in range(cols))
+    symbol = mono_symbol if mono else cell_symbol
+    return ["".join(symbol(image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell], ink) for c in range(cols))
             for r in range(rows)]
 
 
-def grid_as_text(path: Path, cell: int = 4, ink: float = 0.3, tile: int = 0, pad: int = 0) -> str:
+def grid_as_text(path: Path, cell: int = 4, ink: float = 0.3, tile: int = 0, pad: int = 0, mono: bool = False) -> str:
     image = np.asarray(Image.open(path).convert("RGB"))
     if not tile:
-        return "\n".join(trim(image_as_text(image, cell, ink)))
+        return "\n".join(trim(image_as_text(image, cell, ink, mono)))
     tiles = []
     for left in range(pad, image.shape[1] - tile + 1, tile + pad):
-        tiles.append(image_as_text(image[pad:pad + tile, left:left + tile], cell, ink))
+        tiles.append(image_as_text(image[pad:pad + tile, left:left + tile], cell, ink, mono))
     return "\n".join(trim(" ".join(parts) for parts in zip(*tiles)))
 
 
@@ -70,11 +76,12 @@ def main() -> int:
     parser.add_argument("--ink", type=float, default=0.3, help="share of non-white pixels that colours a cell (default 0.3)")
     parser.add_argument("--tile", type=int, default=0, help="side of each image in the grid, to space them apart (default: none)")
     parser.add_argument("--pad", type=int, default=0, help="padding around each tile in the grid, in pixels (default 0)")
+    parser.add_argument("--mono", action="store_true", help="black and white by brightness, for greyscale images")
     args = parser.parse_args()
     if not args.image.is_file():
         print(f"grid_as_text: no such image: {args.image}", file=sys.stderr)
         return 2
-    print(grid_as_text(args.image, args.cell, args.ink, args.tile, args.pad))
+    print(grid_as_text(args.image, args.cell, args.ink, args.tile, args.pad, args.mono))
     return 0
 
 

@@ -31,3 +31,11 @@ def test_two_tiles_become_their_colours_in_place(tmp_path):
     blue_rows = [i for i, line in enumerate(right) if "🟦" in line]
     assert max(red_rows) < min(blue_rows)  # the red square sits above the blue circle
     assert left[red_rows[0]].index("🟥") < right[blue_rows[0]].index("🟦")
+
+
+def test_mono_draws_a_light_shape_on_black(tmp_path):
+    image = Image.new("RGB", (16, 16), "black")
+    ImageDraw.Draw(image).rectangle([8, 0, 15, 15], fill=(200, 200, 200))  # light grey right half
+    image.save(tmp_path / "grey.png")
+    lines = load_script().grid_as_text(tmp_path / "grey.png", cell=4, mono=True).splitlines()
+    assert lines == ["⬛⬛⬜⬜"] * 4
