@@ -223,8 +223,8 @@ def main(argv=None) -> int:
     settings = settings_for(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = ["v1"] if args.recipe == "v1" and not args.smoke else []
-    stem = "_".join(["paper_replication", *recipe, *(["smoke"] if args.smoke else []), *([args.tag] if args.tag else [])])
+    recipe_tag = ["v1"] if args.recipe == "v1" and not args.smoke else []
+    stem = "_".join(["paper_replication", *recipe_tag, *(["smoke"] if args.smoke else []), *([args.tag] if args.tag else [])])
     work = Path(args.work or ROOT / "runs" / stem)
     started = time.time()
     data = prepare_data(work, settings)
@@ -242,10 +242,10 @@ def main(argv=None) -> int:
         runs.append({"mode": mode, "steps": steps[mode], "flops_per_step": flops[mode],
                      "train_flops": flops[mode]["measured"] * steps[mode], "train_seconds": train_seconds(config.run_dir),
                      "run_dir": shown(config.run_dir), "eval": report})
-    recipe = train_config("lmfusion", 1, work, data, base_model, settings, args)
-    image_path = (f"{settings['image_size']} px images, {recipe.codec['name']} codec, {settings['patch_size']} px "
-                  f"patches of its latents, objective {recipe.model.get('objective', 'flow')}, "
-                  f"readout {recipe.model.get('readout', 'standardize')}")
+    reference = train_config("lmfusion", 1, work, data, base_model, settings, args)
+    image_path = (f"{settings['image_size']} px images, {reference.codec['name']} codec, {settings['patch_size']} px "
+                  f"patches of its latents, objective {reference.model.get('objective', 'flow')}, "
+                  f"readout {reference.model.get('readout', 'standardize')}")
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
     meta = {"command": command, "smoke": args.smoke, "recipe": args.recipe, "settings": {k: v for k, v in settings.items() if k != "recipe"},
             "budget_flops": budget, "base_model": shown(base_model) if Path(base_model).exists() else base_model,
