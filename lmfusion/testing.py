@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +20,15 @@ _CORPUS = [
     "the quick brown fox jumps over the lazy dog. Hello world!",
     "a photo of a sneaker, a shirt, a bag and an ankle boot",
 ] * 4
+
+
+def load_script(path: str | Path) -> ModuleType:
+    """A script outside the package (benchmarks/, scripts/) imported as a module, so tests can call it."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:

@@ -1,6 +1,5 @@
 """scripts/grid_as_text.py: a sample grid as coloured squares, for the README."""
 
-import importlib.util
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -8,11 +7,10 @@ from PIL import Image, ImageDraw
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "grid_as_text.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("grid_as_text", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def grid_script():
+    from lmfusion.testing import load_script
+
+    return load_script(SCRIPT)
 
 
 def test_two_tiles_become_their_colours_in_place(tmp_path):
@@ -22,7 +20,7 @@ def test_two_tiles_become_their_colours_in_place(tmp_path):
     draw.ellipse([36 + 16, 2 + 16, 36 + 27, 2 + 27], fill=(30, 80, 220))  # blue, bottom right of tile 2
     path = tmp_path / "grid.png"
     grid.save(path)
-    lines = load_script().grid_as_text(path, cell=4, tile=32, pad=2).splitlines()
+    lines = grid_script().grid_as_text(path, cell=4, tile=32, pad=2).splitlines()
     left = [line.split(" ")[0] for line in lines]
     right = [line.split(" ")[1] for line in lines]
     assert {c for line in left for c in line} == {"⬜", "🟥"}
@@ -37,5 +35,5 @@ def test_mono_draws_a_light_shape_on_black(tmp_path):
     image = Image.new("RGB", (16, 16), "black")
     ImageDraw.Draw(image).rectangle([8, 0, 15, 15], fill=(200, 200, 200))  # light grey right half
     image.save(tmp_path / "grey.png")
-    lines = load_script().grid_as_text(tmp_path / "grey.png", cell=4, mono=True).splitlines()
+    lines = grid_script().grid_as_text(tmp_path / "grey.png", cell=4, mono=True).splitlines()
     assert lines == ["⬛⬛⬜⬜"] * 4

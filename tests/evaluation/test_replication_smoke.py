@@ -1,6 +1,5 @@
 """benchmarks/paper_replication.py --smoke: four runs at equal FLOPs, evaluated, tabulated, resumable."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,10 +7,9 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_replicat
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("paper_replication", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lmfusion.testing import load_script
+
+    return load_script(BENCHMARK)
 
 
 def test_smoke_run_tabulates_all_modes_and_resumes(tmp_path, capsys):

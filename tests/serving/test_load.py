@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -17,10 +16,9 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_load", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lmfusion.testing import load_script
+
+    return load_script(BENCHMARK)
 
 
 @pytest.fixture(scope="module")
