@@ -22,6 +22,9 @@ PALETTE = {
     "⬜": (255, 255, 255), "⬛": (0, 0, 0), "🟥": (215, 25, 25), "🟧": (255, 140, 0), "🟨": (240, 220, 30),
     "🟩": (30, 160, 50), "🟦": (30, 80, 220), "🟪": (140, 50, 170), "🟫": (120, 70, 30),
 }
+# A cell with ink is never drawn white, so its colour is chosen among the others.
+INK_SYMBOLS = [name for name in PALETTE if name != "⬜"]
+INK_COLOURS = np.array([PALETTE[name] for name in INK_SYMBOLS], dtype=float)
 
 
 def cell_symbol(pixels: np.ndarray, ink: float) -> str:
@@ -33,8 +36,7 @@ def cell_symbol(pixels: np.ndarray, ink: float) -> str:
         return "⬜"
     # The colour of the cell's strongest half, so anti-aliased edges do not tint it towards white.
     mean = inked[np.argsort(strength[strength > 40])[len(inked) // 2:]].mean(axis=0)
-    names, colours = zip(*PALETTE.items())
-    return names[int(np.argmin(((np.array(colours[1:]) - mean) ** 2).sum(axis=1))) + 1]
+    return INK_SYMBOLS[int(np.argmin(((INK_COLOURS - mean) ** 2).sum(axis=1)))]
 
 
 def mono_symbol(pixels: np.ndarray, ink: float) -> str:
