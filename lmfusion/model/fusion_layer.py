@@ -38,7 +38,7 @@ class FusionDecoderLayer(nn.Module):
         image_attn_norm = image.input_layernorm if image_attn is image else text.input_layernorm
         image_ffn = image if image is not None else text
 
-        q, k, v = project_qkv(text.input_layernorm, attn, x_text)
+        q, k, v = routing.frozen_context(lambda x: project_qkv(text.input_layernorm, attn, x), x_text)
         if x_image is not None:
             qi, ki, vi = project_qkv(image_attn_norm, image_attn, x_image)
             q, k, v = routing.merge(q, qi), routing.merge(k, ki), routing.merge(v, vi)
@@ -51,8 +51,8 @@ class FusionDecoderLayer(nn.Module):
         out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         out_text, out_image = routing.split(out.reshape(routing.batch * routing.length, -1))
 
-        x_text = x_text + attn.o_proj(out_text)
-        x_text = feed_forward(x_text, text.post_attention_layernorm, text.mlp)
+        x_text = routing.frozen_context(
+            lambda x, o: feed_forward(x + attn.o_proj(o), text.post_attention_layernorm, text.mlp), x_text, out_text)
         if x_image is not None:
             x_image = x_image + image_attn.o_proj(out_image)
             x_image = feed_forward(x_image, image_ffn.post_attention_layernorm, image_ffn.mlp)

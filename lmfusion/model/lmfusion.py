@@ -114,6 +114,9 @@ class LMFusionModel(nn.Module):
             self.special_embed.weight.copy_(text_model.get_input_embeddings().weight.mean(0).expand(2, -1))
             self.special_head.weight.copy_(text_model.get_output_embeddings().weight.mean(0).expand(2, -1))
         self.gradient_checkpointing = False
+        # Run text rows that nothing trainable precedes without an autograd graph (Routing.frozen_context).
+        # Gradients are the same either way; False only for tests and measurements of the saving.
+        self.skip_frozen_context = True
         self.objective = DiffusionObjective(config.objective, config.num_train_timesteps, config.beta_schedule,
                                             config.timestep_sampling or None, config.timestep_shift)
         self.tokenizer = None if tokenizer is None else self._prepare_tokenizer(tokenizer)
@@ -225,6 +228,23 @@ class LMFusionModel(nn.Module):
         """Base vocabulary logits (the base LM head) followed by the BOI and EOI logits."""
         return torch.cat([self.text_model.get_output_embeddings()(hidden), self.special_head(hidden)], dim=-1)
 
+    def _selected_logits(self, text_rows: torch.Tensor, selected: torch.Tensor, n_context: int) -> torch.Tensor:
+        """text_logits of the text rows `selected`; rows below n_context are frozen context, whose base
+        logits are constants (no graph): only their BOI/EOI logits, through the trainable special
+        head, are differentiated. Same values as text_logits on all rows."""
+        if n_context == 0:
+            return self.text_logits(text_rows.index_select(0, selected))
+        is_context = selected < n_context
+        hidden = text_rows.index_select(0, selected)
+        constant = hidden.detach()[is_context]
+        with torch.no_grad():
+            base = self.text_model.get_output_embeddings()(constant)
+        context_logits = torch.cat([base, self.special_head(constant)], dim=-1)
+        live_logits = self.text_logits(hidden[~is_context])
+        logits = live_logits.new_empty(selected.numel(), live_logits.shape[-1])
+        logits = logits.index_put((torch.nonzero(is_context).squeeze(1),), context_logits.to(logits.dtype))
+        return logits.index_put((torch.nonzero(~is_context).squeeze(1),), live_logits)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -256,7 +276,7 @@ class LMFusionModel(nn.Module):
             rows[routing.text_index] = torch.arange(routing.text_index.numel(), device=wanted.device)
             if routing.has_images and bool((wanted & image_mask.reshape(-1)).any()):
                 raise ValueError("logits_mask selects image positions; logits exist only for text")
-            logits = self.text_logits(text_rows.index_select(0, rows[wanted]))
+            logits = self._selected_logits(text_rows, rows[wanted], routing.n_context)
         elif text_rows.shape[0]:
             text_logits = self.text_logits(text_rows)
             if routing.has_images:
@@ -272,7 +292,10 @@ class LMFusionModel(nn.Module):
     def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache):
         batch, length = input_ids.shape
         device = input_ids.device
-        routing = Routing.from_mask(image_mask, batch, length, device)
+        context = None
+        if self.skip_frozen_context and cache is None and torch.is_grad_enabled() and self.config.text_frozen:
+            context = frozen_context_mask(input_ids, image_mask, attention_mask, self.text_vocab_size)
+        routing = Routing.from_mask(image_mask, batch, length, device, context)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.text_config)
         past = cache.get_seq_length() if cache is not None else 0
@@ -316,7 +339,7 @@ class LMFusionModel(nn.Module):
         for layer in self.layers:
             x_text, x_image = layer(x_text, x_image, routing, rotary, mask, cache)
 
-        x_text = self.text_model.model.norm(x_text)
+        x_text = routing.frozen_context(self.text_model.model.norm, x_text)
         if x_image is not None:
             final_norm = self.image_norm if self.image_norm is not None else self.text_model.model.norm
             x_image = final_norm(x_image)
@@ -400,6 +423,30 @@ class LMFusionModel(nn.Module):
     def fusion_layers(self) -> list[FusionDecoderLayer]:
         """The FusionDecoderLayer modules, without any wrapper around them."""
         return [unwrap_checkpointing(layer) for layer in self.layers]
+
+
+def frozen_context_mask(input_ids: torch.Tensor, image_mask: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                        text_vocab_size: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] True at positions whose hidden state no trainable parameter can reach.
+
+    With the text modules frozen, the only trainable inputs of the stack are image patches and the
+    BOI/EOI embedding rows. A position is reachable from them iff one of them sits at or before it
+    in the same document (attention is causal across documents' text); everything earlier, and
+    padding, is a constant of the base model. Documents are rows unless `document_ids` says otherwise.
+    """
+    trainable = input_ids >= text_vocab_size
+    if image_mask is not None:
+        trainable = trainable | image_mask
+    count = trainable.long().cumsum(-1)
+    if document_ids is not None:  # restart the count at each document's first position
+        starts = torch.ones_like(trainable)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = torch.where(starts, count - trainable.long(), torch.zeros_like(count))
+        count = count - before.cummax(-1).values
+    context = count == 0
+    if attention_mask is not None:
+        context = context | ~attention_mask[:, -input_ids.shape[1]:].bool()
+    return context
 
 
 def _drop_layer_keys(module, state_dict, prefix, local_metadata) -> None:

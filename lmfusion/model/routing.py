@@ -4,6 +4,12 @@ The residual stream is kept split in two flat tensors, text rows and image rows,
 modality's norms, projections and FFN run as one dense matmul over exactly its own tokens
 (no token pays for both). Only attention needs sequence order: Q/K/V are written back into
 [B*L] order (one index_copy per modality), and the attention output is split again (one gather).
+
+In training, the text rows that nothing trainable precedes in their document (a caption before
+its image, padding) are *frozen context*: their hidden states are constants of the frozen base
+model, so they are computed without an autograd graph. They lead the text stream (its first
+`n_context` rows), and `frozen_context` runs any text-side function on them under no_grad:
+backward then skips their frozen matmuls entirely instead of carrying gradients nobody uses.
 """
 
 from __future__ import annotations
@@ -21,17 +27,41 @@ class Routing:
 
     batch: int
     length: int
-    text_index: torch.Tensor  # [N_text] positions in the flattened B*L sequence
+    text_index: torch.Tensor  # [N_text] positions in the flattened B*L sequence, frozen context first
     image_index: torch.Tensor  # [N_image]
     has_images: bool
+    n_context: int = 0  # leading text rows with nothing trainable upstream (computed without a graph)
 
     @classmethod
-    def from_mask(cls, image_mask: torch.Tensor | None, batch: int, length: int, device) -> "Routing":
+    def from_mask(cls, image_mask: torch.Tensor | None, batch: int, length: int, device,
+                  context_mask: torch.Tensor | None = None) -> "Routing":
+        """`context_mask` [B, L]: text positions to run as frozen context (None: none)."""
         if image_mask is None or not bool(image_mask.any()):
             empty = torch.empty(0, dtype=torch.long, device=device)
             return cls(batch, length, torch.arange(batch * length, device=device), empty, False)
         flat = image_mask.reshape(-1)
-        return cls(batch, length, torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1), True)
+        image_index = torch.nonzero(flat).squeeze(1)
+        if context_mask is None:
+            return cls(batch, length, torch.nonzero(~flat).squeeze(1), image_index, True)
+        context = context_mask.reshape(-1) & ~flat
+        context_index = torch.nonzero(context).squeeze(1)
+        live_index = torch.nonzero(~flat & ~context).squeeze(1)
+        return cls(batch, length, torch.cat([context_index, live_index]), image_index, True, context_index.numel())
+
+    def frozen_context(self, fn, x: torch.Tensor, *rest: torch.Tensor):
+        """fn(x, *rest) over the text stream, its first n_context rows without an autograd graph.
+
+        `rest` are further row-aligned inputs (e.g. a residual); fn may return a tensor or a tuple.
+        """
+        n = self.n_context
+        if n == 0:
+            return fn(x, *rest)
+        with torch.no_grad():  # detached: a no-grad view of a graph tensor confuses module hooks
+            head = fn(x[:n].detach(), *(r[:n].detach() for r in rest))
+        tail = fn(x[n:], *(r[n:] for r in rest))
+        if isinstance(tail, tuple):
+            return tuple(torch.cat([h, t]) for h, t in zip(head, tail))
+        return torch.cat([head, tail])
 
     def split(self, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B*L, ...] in sequence order -> (text rows, image rows)."""

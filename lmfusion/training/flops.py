@@ -10,17 +10,20 @@ per trainable parameter, is ignored as negligible):
   this is exactly what freezing saves and what it does not.
 * **analytic** (decoder layers and LM head only, a cross-check of the formula):
 
-      C = (4 N_text + 2 N_text_trained) T_text + (4 N_img + 2 N_img_trained) T_img
-          + (4 N_head + 2 N_head_trained) T_scored
+      C = (4 N_text + 2 N_text_trained) T_text + 2 N_text T_context + (4 N_img + 2 N_img_trained) T_img
+          + (4 N_head + 2 N_head_trained) T_scored + 2 N_head T_scored_context
 
   i.e. 2N forward + 2N backward to the activations + 2N backward to the weights: the usual 6N
-  for a trained path, 4N for a frozen one. The frozen text path is *not* 2N: the LM loss of
-  image-first captions, and the trainable BOI embedding whose K/V every image attends to, need
-  the gradient carried back through the frozen text layers, and since all text rows of a batch
-  go through each frozen matmul as one tensor, autograd does that for every text row.
-  T_text counts every non-image position of the padded batch (padding is computed too),
-  T_scored the positions with an LM loss (the head runs only there). The U-Net and the
-  attention scores are not in the formula; the measured count has them.
+  for a trained path, 4N for a frozen path that something trainable feeds (the LM loss of
+  image-first captions, and the trainable BOI embedding whose K/V every later token attends
+  to, need the gradient carried back through the frozen text layers), and 2N, forward only,
+  for the *frozen context*: text that nothing trainable precedes in its example (a caption
+  before its image, padding), which LMFusionModel runs without an autograd graph
+  (lmfusion.model.routing.Routing.frozen_context). T_text counts the other non-image
+  positions, T_scored / T_scored_context the positions with an LM loss (the head runs only
+  there; at context rows only the 2-row BOI/EOI head is differentiated, which is negligible).
+  Dense and scratch modes train the text path, so they have no frozen context. The U-Net and
+  the attention scores are not in the formula; the measured count has them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from ..model.lmfusion import frozen_context_mask
 from .data import build_batch_source, load_or_encode
 from .loop import StepPlan, build_model, chunk_seed, loss_sums
 
@@ -85,11 +89,16 @@ def analytic_batch_flops(model, batch) -> float:
     n = path_parameters(model)
     wants, _ = batch.text_targets()
     images = int(batch.image_mask.sum())
-    text = batch.image_mask.numel() - images
-    scored = int(wants.sum())
-    total = (4 * n["text"] + 2 * n["text_trained"]) * text
+    context = torch.zeros_like(batch.image_mask)
+    if model.config.text_frozen and model.skip_frozen_context and images:
+        context = frozen_context_mask(batch.input_ids, batch.image_mask, batch.attention_mask, model.text_vocab_size)
+    n_context = int((context & ~batch.image_mask).sum())
+    text = batch.image_mask.numel() - images - n_context
+    scored_context = int((wants & context).sum())
+    scored = int(wants.sum()) - scored_context
+    total = (4 * n["text"] + 2 * n["text_trained"]) * text + 2 * n["text"] * n_context
     total += (4 * n["image"] + 2 * n["image_trained"]) * images
-    total += (4 * n["head"] + 2 * n["head_trained"]) * scored
+    total += (4 * n["head"] + 2 * n["head_trained"]) * scored + 2 * n["head"] * scored_context
     return float(total)
 
 

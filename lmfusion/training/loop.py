@@ -73,7 +73,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
         ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                             fused=use_fused_adamw(groups))
+
+
+def use_fused_adamw(groups: list[dict]) -> bool:
+    """The fused AdamW kernel where it applies: plain (unsharded) fp32 tensors on a CPU or a GPU.
+
+    On the quickstart's 106M trainable weights it updates 4.7x faster than the default foreach
+    kernel on 2 CPU cores (benchmarks/results/quickstart_profile.md); FSDP's DTensor shards keep foreach.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda")
+                                and p.dtype == torch.float32 for p in params)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
