@@ -16,6 +16,9 @@ from .diffusion import check_objective
 #   scratch   same architecture as lmfusion, random init, everything trained (Transfusion baseline)
 MODES = ("lmfusion", "ffn_only", "dense", "scratch")
 READOUTS = ("standardize", "plain")
+# Attention kernels: "sdpa" with a dense boolean mask (CPU, short sequences, cached sampling) or
+# "flex", torch's flex_attention with a block-sparse BlockMask (long packed rows on a GPU).
+ATTENTION = ("sdpa", "flex")
 
 # A U-Net small enough for tests and smoke runs (seconds on a CPU); the one place these live.
 TINY_UNET = dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32)
@@ -58,6 +61,9 @@ class LMFusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"  # eps / v only
     diffusion_loss_weight: float = 5.0
 
+    # Training forwards without a KV cache use this kernel; cached decoding always uses sdpa.
+    attention: str = "sdpa"
+
     boi_token: str = "<|begin_of_image|>"
     eoi_token: str = "<|end_of_image|>"
 
@@ -70,6 +76,8 @@ class LMFusionConfig:
         check_objective(self.objective, self.timestep_sampling or None)
         if self.objective != "flow" and self.timestep_shift != 1.0:
             self.timestep_shift = 1.0  # the shift is a flow setting; DDPM schedules have none
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.latent_size % self.patch_size:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -48,7 +49,11 @@ class FusionDecoderLayer(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v, self.index)
-        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        if isinstance(mask, BlockMask):
+            out = flex_attention_kernel(q.device)(q, k, v, block_mask=mask, scale=attn.scaling,
+                                                  enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+        else:
+            out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         out_text, out_image = routing.split(out.reshape(routing.batch * routing.length, -1))
 
         x_text = routing.frozen_context(
@@ -57,6 +62,20 @@ class FusionDecoderLayer(nn.Module):
             x_image = x_image + image_attn.o_proj(out_image)
             x_image = feed_forward(x_image, image_ffn.post_attention_layernorm, image_ffn.mlp)
         return x_text, x_image
+
+
+_COMPILED_FLEX = None
+
+
+def flex_attention_kernel(device: torch.device):
+    """torch's flex_attention: compiled on a GPU (its fused kernel; eager there is a slow reference),
+    eager on a CPU, where torch has a forward but no backward for it."""
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 def checkpoint_when_training(module: nn.Module, *args, **kwargs):

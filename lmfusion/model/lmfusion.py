@@ -26,7 +26,7 @@ from ..integrity import CheckpointError, read_safetensors, verify_manifest, writ
 from ..utils import atomic_directory
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
-from .masks import image_segment_ids, transfusion_mask
+from .masks import block_mask, image_segment_ids, transfusion_mask
 from .routing import ImageLayer, Routing, reinitialize
 from .sequence import MultimodalBatch
 
@@ -257,6 +257,7 @@ class LMFusionModel(nn.Module):
         cache: Cache | None = None,
         use_cache: bool = False,
         logits_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> LMFusionOutput:
         """Run an interleaved batch.
 
@@ -265,9 +266,12 @@ class LMFusionModel(nn.Module):
         image_latents: [N, C, H, W] (noisy) latents of the images in reading order; timesteps: [N].
         attention_mask: [B, past + L], 1 = real token; positions follow it (left padding works).
         logits_mask: [B, L] bool; when given, logits only for those positions, as [M, V + 2].
+        document_ids: [B, L] example id per position of packed rows (-1 = padding; pass their
+        position_ids too, restarting per example); each example then attends only within itself.
         """
         text_rows, image_rows, routing, cache, skips, temb = self._backbone(
-            input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache
+            input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
+            document_ids,
         )
         logits = None
         if logits_mask is not None:
@@ -289,12 +293,15 @@ class LMFusionModel(nn.Module):
             noise_pred = self.image_out(image_rows.view(n, self.config.tokens_per_image, -1), skips, temb)
         return LMFusionOutput(logits=logits, noise_pred=noise_pred, cache=cache)
 
-    def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache):
+    def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
+                  document_ids=None):
         batch, length = input_ids.shape
         device = input_ids.device
+        if document_ids is not None and (cache is not None or use_cache):
+            raise ValueError("packed rows (document_ids) are a training layout; they cannot use a KV cache")
         context = None
         if self.skip_frozen_context and cache is None and torch.is_grad_enabled() and self.config.text_frozen:
-            context = frozen_context_mask(input_ids, image_mask, attention_mask, self.text_vocab_size)
+            context = frozen_context_mask(input_ids, image_mask, attention_mask, self.text_vocab_size, document_ids)
         routing = Routing.from_mask(image_mask, batch, length, device, context)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.text_config)
@@ -323,9 +330,14 @@ class LMFusionModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past, past + length, device=device).unsqueeze(0)
-        if routing.has_images:
-            segments = image_segment_ids(image_mask, self.config.tokens_per_image)
-            mask = transfusion_mask(segments, attention_mask, past)
+        flex = self.config.attention == "flex" and cache is None
+        if routing.has_images or document_ids is not None or flex:
+            segments = (image_segment_ids(image_mask, self.config.tokens_per_image) if routing.has_images
+                        else torch.full_like(input_ids, -1))
+            if flex:  # one BlockMask for the whole stack: every layer reads the same one
+                mask = block_mask(segments, attention_mask, document_ids)
+            else:
+                mask = transfusion_mask(segments, attention_mask, past, document_ids)
         else:  # exactly the mask the base model builds, so text-only runs are bit-identical
             mask = create_causal_mask(
                 config=self.text_config,
@@ -363,7 +375,8 @@ class LMFusionModel(nn.Module):
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
             noisy = self.objective.add_noise(latents, noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
-        out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask, logits_mask=wants)
+        out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask,
+                      position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids)
         zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=self.device)
         text = (
             nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum")

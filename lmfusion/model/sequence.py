@@ -37,19 +37,27 @@ class MultimodalBatch:
     attention_mask: torch.Tensor  # [B, L] 1 = real token
     latents: torch.Tensor | None  # [N, C, H, W] clean latents, in reading order
     max_timesteps: torch.Tensor  # [N]
+    # Packed rows (SequenceBuilder.pack): which example each position belongs to (-1 = padding)
+    # and its position inside that example. None for padded rows, where each row is one example.
+    document_ids: torch.Tensor | None = None  # [B, L]
+    position_ids: torch.Tensor | None = None  # [B, L]
 
     def to(self, device) -> "MultimodalBatch":
-        return MultimodalBatch(
-            self.input_ids.to(device),
-            self.image_mask.to(device),
-            self.attention_mask.to(device),
-            None if self.latents is None else self.latents.to(device),
-            self.max_timesteps.to(device),
-        )
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return MultimodalBatch(move(self.input_ids), move(self.image_mask), move(self.attention_mask),
+                               move(self.latents), move(self.max_timesteps), move(self.document_ids),
+                               move(self.position_ids))
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    @property
+    def fill(self) -> float:
+        """Real tokens over computed positions: 1 - the padding share (the packing efficiency)."""
+        return self.num_tokens / max(self.attention_mask.numel(), 1)
 
     def text_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions that predict a next text token, and those tokens.
@@ -61,6 +69,8 @@ class MultimodalBatch:
         text = real & ~self.image_mask
         wants = torch.zeros_like(text)
         wants[:, :-1] = text[:, :-1] & text[:, 1:]
+        if self.document_ids is not None:  # an example's last token does not predict the next one's first
+            wants[:, :-1] &= self.document_ids[:, :-1] == self.document_ids[:, 1:]
         labels = self.input_ids[:, 1:][wants[:, :-1]]
         return wants, labels
 
@@ -114,8 +124,52 @@ class SequenceBuilder:
             ids[row, : len(row_ids)] = row_ids.masked_fill(is_image, self.pad_id)
             image_mask[row, : len(row_ids)] = is_image
             attention[row, : len(row_ids)] = 1
+        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents))
+
+    def pack(self, examples: list[Example], latents: torch.Tensor | None, pack_length: int) -> MultimodalBatch:
+        """Concatenate examples, in order and never split, into rows of exactly pack_length tokens.
+
+        A row takes examples until the next one does not fit; only each row's tail is padding.
+        Each example is its own document (positions restart at 0, attention stays inside it), so
+        a packed batch computes what the same examples padded one per row compute.
+        """
+        rows: list[list[Example]] = [[]]
+        used = 0
+        for example in examples:
+            if len(example.ids) > pack_length:
+                raise ValueError(f"an example of {len(example.ids)} tokens does not fit pack_length {pack_length}; "
+                                 "raise pack_length or lower max_text_tokens")
+            if used + len(example.ids) > pack_length:
+                rows.append([])
+                used = 0
+            rows[-1].append(example)
+            used += len(example.ids)
+        shape = (len(rows), pack_length)
+        ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        image_mask = torch.zeros(shape, dtype=torch.bool)
+        attention = torch.zeros(shape, dtype=torch.long)
+        documents = torch.full(shape, -1, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        document = 0
+        for row, members in enumerate(rows):
+            start = 0
+            for example in members:
+                row_ids = torch.tensor(example.ids, dtype=torch.long)
+                span = slice(start, start + len(row_ids))
+                is_image = row_ids < 0
+                ids[row, span] = row_ids.masked_fill(is_image, self.pad_id)
+                image_mask[row, span] = is_image
+                attention[row, span] = 1
+                documents[row, span] = document
+                positions[row, span] = torch.arange(len(row_ids))
+                start += len(row_ids)
+                document += 1
+        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents), documents, positions)
+
+    @staticmethod
+    def _image_caps(examples: list[Example], latents: torch.Tensor | None) -> torch.Tensor:
         caps = [t for e in examples for t in e.max_timesteps]
         n_images = len(caps)
         if (latents is None and n_images) or (latents is not None and latents.shape[0] != n_images):
             raise ValueError(f"examples hold {n_images} images but {0 if latents is None else latents.shape[0]} latents were given")
-        return MultimodalBatch(ids, image_mask, attention, latents, torch.tensor(caps, dtype=torch.long))
+        return torch.tensor(caps, dtype=torch.long)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import TINY_UNET, LMFusionConfig
+from ..config import ATTENTION, TINY_UNET, LMFusionConfig
 
 PRECISIONS = ("fp32", "bf16")
 PARALLEL = ("ddp", "fsdp")
@@ -47,6 +47,8 @@ class TrainConfig:
     text_only_ratio: float = 0.0  # examples that are plain text (no image)
     text_data: str = ""  # text file, one document per line, for text-only examples ("" = captions)
     latent_cache: str = ""  # folder of pre-encoded latents ("" = <LMFUSION_CACHE>/latents, "none" = off)
+    pack_length: int = 0  # > 0: concatenate each micro-batch's examples into rows of this many tokens
+    attention: str = "sdpa"  # "flex": flex_attention with a BlockMask (GPU training; see LMFusionConfig)
 
     # ---- optimisation
     max_steps: int = 1000
@@ -90,6 +92,8 @@ class TrainConfig:
         checks = [
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
+            (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
+            (self.pack_length >= 0, f"pack_length must be >= 0 (0 = no packing), got {self.pack_length}"),
             (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
@@ -109,7 +113,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         known = {f.name for f in dataclasses.fields(LMFusionConfig)}
-        reserved = {"base_model", "base_model_hash", "mode", "image_size", "patch_size", "codec", "latent_channels", "latent_size"}
+        reserved = {"base_model", "base_model_hash", "mode", "attention", "image_size", "patch_size", "codec", "latent_channels", "latent_size"}
         bad = sorted(set(self.model) - (known - reserved))
         if bad:
             raise ValueError(f"unknown or reserved keys under model: {bad} (allowed: {sorted(known - reserved)})")
@@ -293,7 +297,9 @@ def parse_value(text: str) -> Any:
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
-                     "runs_dir", "generate_shapes"}
+                     "runs_dir", "generate_shapes",
+                     # how a step is laid out and computed, not what it computes (same losses, same gradients)
+                     "pack_length", "attention"}
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> list[str]:

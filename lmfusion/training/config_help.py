@@ -36,6 +36,10 @@ FIELD_HELP: dict[str, str] = {
     "eps": "AdamW epsilon",
     "grad_clip": "clip the global gradient norm to this (0 = off)",
     "precision": "fp32 | bf16 (bf16 autocast; weights and optimizer stay fp32)",
+    "pack_length": "> 0: pack each micro-batch's examples, whole and in order, into rows of exactly this many "
+                   "tokens (each example attends only within itself; padding only at row ends); 0: one padded row per example",
+    "attention": "attention kernel for training: sdpa (dense mask; CPU and short rows) or flex (flex_attention with a "
+                 "block-sparse mask; needs a GPU to train, torch has no CPU backward for it)",
     "gradient_checkpointing": "recompute each fused layer's activations in backward to save memory",
     "parallel": "with several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2)",
     "threads": "torch intra-op threads (0 = torch's default)",

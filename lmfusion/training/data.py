@@ -260,9 +260,11 @@ def read_text_documents(path: str) -> list[str]:
 class BatchSource:
     """Builds the micro-batch for any range of global sample positions."""
 
-    def __init__(self, data: CaptionLatents, builder: SequenceBuilder, planner: ExamplePlanner, texts: list[str] | None = None):
+    def __init__(self, data: CaptionLatents, builder: SequenceBuilder, planner: ExamplePlanner, texts: list[str] | None = None,
+                 pack_length: int = 0):
         self.data, self.builder, self.planner = data, builder, planner
         self.texts = texts or []
+        self.pack_length = pack_length  # > 0: packed rows (SequenceBuilder.pack), else one padded row per example
 
     def example(self, plan: Plan) -> tuple[Example, bool]:
         """The laid-out example and whether it holds the record's image."""
@@ -282,6 +284,8 @@ class BatchSource:
             if has_image:
                 images.append(plan.record)
         latents = self.data.latents[torch.tensor(images, dtype=torch.long)] if images else None
+        if self.pack_length:
+            return self.builder.pack(examples, latents, self.pack_length), plans
         return self.builder.collate(examples, latents), plans
 
 
@@ -292,4 +296,4 @@ def build_batch_source(data: CaptionLatents, model, config) -> BatchSource:
     texts = read_text_documents(config.text_data)
     planner = ExamplePlanner(len(data), config.seed, config.image_first_ratio, config.caption_dropout,
                              config.text_only_ratio, len(texts))
-    return BatchSource(data, builder, planner, texts)
+    return BatchSource(data, builder, planner, texts, config.pack_length)

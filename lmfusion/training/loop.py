@@ -48,7 +48,8 @@ def build_model(config: TrainConfig, codec=None):
     codec = codec or build_codec(config)
     latent_channels, latent_size, _ = codec.latent_shape(config.image_size)
     model_config = LMFusionConfig(
-        base_model=config.base_model, mode=config.mode, codec=codec.config(), image_size=config.image_size,
+        base_model=config.base_model, mode=config.mode, attention=config.attention, codec=codec.config(),
+        image_size=config.image_size,
         latent_channels=latent_channels, latent_size=latent_size, patch_size=config.patch_size, **config.model,
     )
     torch.manual_seed(config.seed)
@@ -132,6 +133,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     batches = [source.batch(plan.positions(step, j))[0].to(info.device) for j in chunks]
     local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens]
                           for b in batches], dtype=torch.float64).sum(0)
+    positions = sum(b.input_ids.numel() for b in batches)
     n_text, n_images, n_tokens = all_reduce_sum(local, info).tolist()
     weight = model.config.diffusion_loss_weight
     sums = torch.zeros(2, dtype=torch.float64)
@@ -154,7 +156,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     text_loss, image_loss = text_sum / max(n_text, 1), image_sum / max(n_images, 1)
     return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
             "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),
-            "tokens": int(n_tokens)}
+            "tokens": int(n_tokens), "packing_efficiency": float(sum(b.num_tokens for b in batches) / max(positions, 1))}
 
 
 def autocast(config: TrainConfig, info: DistInfo):
@@ -178,6 +180,9 @@ def check_parallel(config: TrainConfig, info: DistInfo) -> None:
     rank while another rank has them, and the gradient reduce-scatter then waits forever (seen
     on gloo). DDP is told to expect unused parameters (find_unused_parameters) instead.
     """
+    if config.attention == "flex" and info.device.type == "cpu":
+        raise ValueError("attention: flex trains only on a GPU (torch's flex_attention has no CPU backward); "
+                         "use attention: sdpa on a CPU")
     if config.parallel == "fsdp" and info.enabled and config.text_only_ratio > 0:
         raise ValueError("parallel: fsdp does not support text_only_ratio > 0 yet (a text-only micro-batch "
                          "leaves image weights without gradients on one rank); use parallel: ddp")
@@ -383,7 +388,7 @@ class RunLog:
         if not self.enabled:
             return
         step = metrics["step"]
-        for key in ("loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "step_time"):
+        for key in ("loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "step_time", "packing_efficiency"):
             self.writer.add_scalar(f"train/{key}", metrics[key], step)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
@@ -393,7 +398,7 @@ class RunLog:
         if step % every == 0:
             self.say(f"step {step}: loss {metrics['loss']:.4f} text {metrics['text_loss']:.4f} image "
                      f"{metrics['image_loss']:.4f} lr {metrics['lr']:.2e} grad {metrics['grad_norm']:.2f} "
-                     f"{metrics['tokens_per_s']:.0f} tok/s")
+                     f"{metrics['tokens_per_s']:.0f} tok/s, {100 * metrics['packing_efficiency']:.0f}% of positions real")
 
     def probes(self, values: dict, step: int) -> dict:
         """Whether the image path listens to its prompt (lmfusion.model.probes), in the log and TensorBoard."""
