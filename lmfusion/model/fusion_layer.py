@@ -96,4 +96,6 @@ def wrap_checkpointing(layer: nn.Module) -> nn.Module:
 
 
 def unwrap_checkpointing(layer: nn.Module) -> nn.Module:
+    """The FusionDecoderLayer inside torch.compile's and checkpoint_wrapper's wrappers, if any."""
+    layer = getattr(layer, "_orig_mod", layer)
     return getattr(layer, "_checkpoint_wrapped_module", layer)

@@ -474,4 +474,4 @@ def _ignore_missing_layer_keys(module, incompatible_keys) -> None:
     missing[:] = [k for k in missing if not _LAYER_KEY.search(k)]
 
 
-_LAYER_KEY = re.compile(r"(^|\.)layers\.\d+\.(_checkpoint_wrapped_module\.)?(text|image)\.")
+_LAYER_KEY = re.compile(r"(^|\.)layers\.\d+\.(_orig_mod\.)?(_checkpoint_wrapped_module\.)?(text|image)\.")

@@ -31,6 +31,11 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue runs/<name> from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing runs/<name> first")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device from the base model's config.json (no weights), print "
+                             "parameters, tokens per step and per-rank memory under DDP and FSDP, and exit")
+    parser.add_argument("--world-size", type=int, default=1, metavar="N",
+                        help="ranks the --dry-run estimates are for (default: 1)")
     fields = parser.add_argument_group("config keys (see configs/quickstart.yaml); defaults before any preset")
     defaults = TrainConfig().to_dict()
     for field in dataclasses.fields(TrainConfig):
@@ -61,6 +66,13 @@ def run_train(args) -> int:
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml(), end="")
+        return 0
+    if args.dry_run:
+        from .dry_run import dry_run, report
+
+        if args.world_size < 1:
+            raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+        print(report(config, dry_run(config, args.world_size)))
         return 0
     from . import train
 

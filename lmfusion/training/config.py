@@ -65,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each fused decoder layer (after checkpointing, before FSDP)
     parallel: str = "ddp"  # with several processes: "ddp" replicates, "fsdp" shards (FSDP2)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
 
@@ -269,6 +270,55 @@ PRESETS["demo"] = dict(
     sample_prompts=["a small red circle", "a large blue square on the left",
                     "a small green triangle above a large yellow circle",
                     "a small purple square to the left of a large orange circle"],
+)
+
+
+# The paper's recipe at full size (LMFusion §4.1, Transfusion §4): Llama-3-8B, 256 px images as
+# sd-vae-ft-mse latents, 2x2 patches = 256 tokens per image, 4,096-token packs, AdamW (0.9, 0.95,
+# 1e-8), lr 1e-4 with 4,000 warm-up steps and cosine decay to 1.5e-5, weight decay 0.1, clip 1.0,
+# 80% caption-first, lambda 5. `data` must be given (--data): a latent-shard folder from
+# `lmfusion data encode` or any supported image-caption source. See docs/paper_scale.md.
+#  * The paper's "32x32x8" latents: sd-vae-ft-mse (which LMFusion's footnote names) has 4 latent
+#    channels; its encoder's 8 raw channels are the mean and log-variance. We take the 4-channel
+#    mean (DiffusersVAECodec), i.e. 4 x 32 x 32 at 256 px; Transfusion's own 8-channel VAE is not released.
+#  * U-Net down + up blocks at ~0.27B parameters: unet_channels 1536 (0.28B with the timestep MLP,
+#    counted by `lmfusion train --preset paper --dry-run`).
+#  * The objective is flow matching with the high-noise shift, this project's measured default
+#    (docs/image_learning.md), not the paper's DDPM eps: `--model '{objective: eps}'` gives the paper's.
+#  * Batch: 864 examples of ~290 tokens = ~250K tokens per step (the paper's 250K), as 8 ranks x 12
+#    examples per 4,096-token pack x 9 accumulation steps; 250K steps as in Transfusion (LMFusion
+#    gives none).
+PRESETS["paper"] = dict(
+    name="paper",
+    base_model="meta-llama/Meta-Llama-3-8B",
+    image_size=256,
+    patch_size=2,
+    codec={"name": "diffusers", "path": "stabilityai/sd-vae-ft-mse"},
+    model=dict(unet_channels=1536, unet_norm_groups=32, time_embed_dim=1536),
+    data="data/train",
+    image_first_ratio=0.2,
+    caption_dropout=0.1,
+    max_steps=250_000,
+    batch_size=864,
+    micro_batch_size=12,
+    lr=1e-4,
+    min_lr=1.5e-5,
+    warmup_steps=4000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    eps=1e-8,
+    grad_clip=1.0,
+    precision="bf16",
+    gradient_checkpointing=True,
+    parallel="fsdp",
+    pack_length=4096,
+    attention="flex",
+    compile=True,
+    log_every=10,
+    checkpoint_every=1000,
+    sample_every=5000,
+    probe_every=1000,
 )
 
 

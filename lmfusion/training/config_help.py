@@ -40,6 +40,7 @@ FIELD_HELP: dict[str, str] = {
                    "tokens (each example attends only within itself; padding only at row ends); 0: one padded row per example",
     "attention": "attention kernel for training: sdpa (dense mask; CPU and short rows) or flex (flex_attention with a "
                  "block-sparse mask; needs a GPU to train, torch has no CPU backward for it)",
+    "compile": "torch.compile each fused decoder layer (after activation checkpointing, before FSDP); pays off on a GPU",
     "gradient_checkpointing": "recompute each fused layer's activations in backward to save memory",
     "parallel": "with several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2)",
     "threads": "torch intra-op threads (0 = torch's default)",

@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import image_probes
 from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode, probe_records
+from .parallelize import compile_layers
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
                           init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
 
@@ -204,6 +205,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         data, model, codec = _load_data_and_model(config, info)
         log.data_stats(data)
         source = build_batch_source(data, model, config)
+        if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
+            compile_layers(model)
         # Wrap first: FSDP replaces the parameters with shards, which the optimizer must hold.
         wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0, parallel=config.parallel)
         sharded = is_sharded(model)
