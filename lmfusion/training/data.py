@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from ..data.fingerprints import codec_fingerprint, dataset_fingerprint  # noqa: F401 (re-exported)
 from ..model.sequence import Example, MultimodalBatch, SequenceBuilder
 from ..utils import atomic_write_bytes
 
@@ -60,37 +61,6 @@ class CaptionLatents:
         skipped = sum(self.stats.get("skipped", {}).values())
         text = f"{self.stats.get('source')}: seen={self.stats.get('seen')} ok={self.stats.get('ok')} skipped={skipped}"
         return text + (f" ({reasons})" if reasons else "")
-
-
-def dataset_fingerprint(path: str) -> dict:
-    """What identifies a dataset's content cheaply: every file's name, size and mtime.
-
-    Hashing all image bytes would cost as much as decoding them; sizes and mtimes change whenever
-    a file is rewritten, which is what matters for a cache.
-    """
-    from ..data import expand_shards
-
-    if Path(path).exists():
-        root = Path(path).resolve()
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".lmfusion" not in p.parts)
-    else:  # a glob / brace pattern of WebDataset shards
-        files = [Path(u).resolve() for u in expand_shards(path) if os.path.isfile(u)]
-    listing = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return {"path": str(Path(path).resolve()) if Path(path).exists() else path, "files": listing}
-
-
-def codec_fingerprint(codec, image_size: int) -> str:
-    """A hash of the codec's output on a fixed probe image.
-
-    The codec's config names it, but its weights or its normalisation code can change under the
-    same name; encoding one synthetic image catches both. Rounded, so that a different thread
-    count (a different float summation order) does not invalidate the cache.
-    """
-    ramp = torch.linspace(0, 1, image_size)
-    probe = torch.stack([ramp.view(1, -1).expand(image_size, -1), ramp.view(-1, 1).expand(-1, image_size),
-                         (ramp.view(1, -1) * ramp.view(-1, 1))]).unsqueeze(0)
-    latents = codec.encode(probe).float().cpu()
-    return hashlib.sha256((latents * 1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def cache_key(data: str, image_size: int, codec) -> str:
