@@ -14,6 +14,7 @@ k-th shard_size records of the stream, and a resume reads (and skips) the finish
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def encode_to_shards(data: str, out, codec, image_size: int, *, shard_size: int 
             "shard_size": shard_size, "dtype": dtype, "flip": flip}
     if streamed:  # with workers the stream's order depends on how many there are
         plan["workers"] = workers
+    plan = json.loads(json.dumps(plan))  # as it reads back from a shard (tuples become lists)
     done = _finished_shards(out, plan)
     if is_shard_folder(out) and not done:
         raise ValueError(f"{out} already holds latent shards of another encode; choose another --out")
