@@ -205,7 +205,12 @@ def probe_records(data: str, image_size: int, codec, n: int) -> tuple[torch.Tens
     records.
     """
     from ..data import read_records
+    from ..data.latent_shards import LatentShards, is_shard_folder
 
+    if is_shard_folder(data):  # no images to encode: the shards' first records, already encoded
+        store = LatentShards(data)
+        shown = range(min(n, len(store)))
+        return store.latents(shown), [store.caption(i) for i in shown], "first records of the latent shards"
     test = Path(data) / "test"
     source = test if (test / "metadata.jsonl").is_file() else Path(data)
     records = read_records(str(source), image_size, n)
