@@ -25,7 +25,7 @@ from .fingerprints import codec_fingerprint, dataset_fingerprint
 from .formats import NoUsableDataError, open_caption_dataset
 from .images import BadImageError, load_rgb_image
 from .latent_shards import (DTYPES, FORMAT_VERSION, LatentShards, is_shard_folder, merge_stats, shard_metadata,
-                            shard_name, write_index, write_shard)
+                            shard_name, stats_summary, write_index, write_shard)
 
 
 class _Rows(Dataset):
@@ -97,7 +97,7 @@ def encode_to_shards(data: str, out, codec, image_size: int, *, shard_size: int 
     else:
         stats, counts = _encode_rows(dataset, encoder, done, shard_size, workers, batch_size, progress)
     if sum(counts) == 0:
-        raise ValueError(f"no usable training data in {data}: {LatentShards.__name__} would be empty ({stats})")
+        raise ValueError(f"no usable training data in {data}: {stats_summary(stats)}")
     write_index(out, counts=counts, codec=plan["codec"], codec_fingerprint=plan["codec_fingerprint"],
                 image_size=image_size, latent_shape=codec.latent_shape(image_size), dtype=dtype, flipped=flip,
                 stats=stats, extra={"source": str(data), "shard_size": shard_size})
@@ -193,7 +193,6 @@ def _encode_stream(dataset, encoder: _Encoder, done: dict, shard_size: int, work
     loader = DataLoader(_Stream(dataset), batch_size=None, num_workers=workers, collate_fn=_identity)
     counts, parts, seen = [], [], 0
     images, captions, latents, flipped = [], [], [], []
-    number = 0
 
     def encode_pending():
         if images:
@@ -218,8 +217,7 @@ def _encode_stream(dataset, encoder: _Encoder, done: dict, shard_size: int, work
                 encode_pending()
             if len(captions) == shard_size:
                 encode_pending()
-                number = len(counts) + finished
-                encoder.write(number, latents, flipped, captions, {})
+                encoder.write(len(counts) + finished, latents, flipped, captions, {})
                 counts.append(len(captions))
                 captions, latents, flipped = [], [], []
         encode_pending()

@@ -162,3 +162,24 @@ def test_peak_rss_does_not_grow_with_the_dataset(tmp_path):
     small, large = (int(v) for v in done.stdout.split())
     assert 20000 * 8 * 16 * 16 * 2 / 1024 > 0.1 * small  # holding the data would fail the check below
     assert large <= 1.1 * small, (small, large)
+
+
+def test_a_webdataset_encode_resumes_by_reading_the_stream_again(shapes_folder, tmp_path):
+    import webdataset as wds
+
+    rows = [json.loads(line) for line in (shapes_folder / "metadata.jsonl").read_text().splitlines()]
+    for part in range(2):
+        with wds.TarWriter(str(tmp_path / f"part-{part}.tar")) as writer:
+            for i, row in enumerate(rows[part * 10:(part + 1) * 10]):
+                writer.write({"__key__": f"{part}_{i}", "png": (shapes_folder / row["file_name"]).read_bytes(),
+                              "txt": row["text"]})
+    spec = str(tmp_path / "part-{0..1}.tar")
+    whole = encode_to_shards(spec, tmp_path / "whole", PixelCodec(), 16, shard_size=6, workers=0, progress=False)
+    assert whole.index["cumulative"] == [6, 12, 18, 20] and whole.stats["ok"] == 20
+    subprocess.run(["cp", "-r", str(tmp_path / "whole"), str(tmp_path / "cut")], check=True)
+    for name in ("index.json", "shard-00002.safetensors", "shard-00003.safetensors"):
+        (tmp_path / "cut" / name).unlink()
+    resumed = encode_to_shards(spec, tmp_path / "cut", PixelCodec(), 16, shard_size=6, workers=0, progress=False)
+    assert resumed.index["cumulative"] == whole.index["cumulative"] and resumed.stats == whole.stats
+    assert torch.equal(resumed.latents(range(20)), whole.latents(range(20)))
+    assert [resumed.caption(i) for i in range(20)] == [whole.caption(i) for i in range(20)]
