@@ -25,7 +25,7 @@ from .fingerprints import codec_fingerprint, dataset_fingerprint
 from .formats import NoUsableDataError, open_caption_dataset
 from .images import BadImageError, load_rgb_image
 from .latent_shards import (DTYPES, FORMAT_VERSION, LatentShards, is_shard_folder, merge_stats, shard_metadata,
-                            shard_name, stats_summary, write_index, write_shard)
+                            shard_name, shard_records, stats_summary, write_index, write_shard)
 
 
 class _Rows(Dataset):
@@ -145,7 +145,7 @@ def _encode_rows(dataset, encoder: _Encoder, done: dict, shard_size: int, worker
     todo = [k for k in range(n_shards) if k not in done]
     rows = [r for k in todo for r in range(k * shard_size, min((k + 1) * shard_size, len(dataset)))]
     loader = DataLoader(_Rows(dataset, rows), batch_size=batch_size, num_workers=workers, collate_fn=_identity)
-    counts = {k: len(meta["captions"]) for k, meta in done.items()}
+    counts = {k: shard_records(encoder.out / shard_name(k)) for k in done}
     failed = Counter()
     for meta in done.values():
         failed.update(meta.get("load_skipped", {}))

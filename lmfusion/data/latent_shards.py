@@ -1,8 +1,9 @@
 """Latent shards: pre-encoded latents on disk, read a few rows at a time.
 
 A folder holds ``shard-00000.safetensors``, ``shard-00001.safetensors``, ... (each a ``latents``
-tensor [n, C, h, w] in fp16 or bf16, optionally ``latents_flipped``, and its captions in the
-safetensors metadata) and an ``index.json`` written last. The index holds the cumulative record
+tensor [n, C, h, w] in fp16 or bf16, optionally ``latents_flipped``, and its captions as UTF-8
+bytes ``captions_utf8`` with ``caption_offsets`` [n + 1], so one caption is read without parsing
+all of them) and an ``index.json`` written last. The index holds the cumulative record
 counts per shard, so record i -> (shard, offset) is a pure function of the index, the same in
 every process and every DataLoader worker.
 
@@ -16,7 +17,7 @@ maps grows RSS to the dataset's size; closing after each read keeps it flat
 from __future__ import annotations
 
 import json
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ def write_shard(folder, number: int, latents: torch.Tensor, captions: list[str],
     tensors = {"latents": latents.to(DTYPES[dtype]).contiguous()}
     if flipped is not None:
         tensors["latents_flipped"] = flipped.to(DTYPES[dtype]).contiguous()
+    encoded = [caption.encode("utf-8") for caption in captions]
+    tensors["caption_offsets"] = torch.tensor(np.cumsum([0] + [len(b) for b in encoded]), dtype=torch.int64)
+    tensors["captions_utf8"] = torch.frombuffer(bytearray(b"".join(encoded)) or bytearray(1), dtype=torch.uint8)
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
-    meta["captions"] = json.dumps(captions)
     path = Path(folder) / shard_name(number)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
@@ -61,6 +64,11 @@ def shard_metadata(path) -> dict:
     """A shard's metadata (JSON values decoded), read from its header only."""
     with safe_open(str(path), framework="pt") as handle:
         return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+
+
+def shard_records(path) -> int:
+    with safe_open(str(path), framework="pt") as handle:
+        return int(handle.get_slice("latents").get_shape()[0])
 
 
 def write_index(folder, *, counts: list[int], codec: dict, codec_fingerprint: str, image_size: int,
@@ -85,7 +93,7 @@ def stats_summary(stats: dict) -> str:
 class LatentShards:
     """Random access to a latent-shard folder: `len`, `caption(i)`, `latents(indices)`."""
 
-    def __init__(self, folder, caption_shards_cached: int = 4):
+    def __init__(self, folder):
         self.folder = Path(folder)
         path = self.folder / INDEX_NAME
         if not path.is_file():
@@ -98,8 +106,6 @@ class LatentShards:
         self.cumulative = np.asarray(self.index["cumulative"], dtype=np.int64)
         self.starts = np.concatenate([[0], self.cumulative[:-1]]).astype(np.int64)
         self.stats = self.index.get("stats", {})
-        self._captions: OrderedDict[int, list[str]] = OrderedDict()  # a few shards' captions, least recent first
-        self._keep = caption_shards_cached
 
     def __len__(self) -> int:
         return int(self.cumulative[-1]) if len(self.cumulative) else 0
@@ -113,12 +119,9 @@ class LatentShards:
 
     def caption(self, record: int) -> str:
         shard, row = self.locate(record)
-        if shard not in self._captions:
-            self._captions[shard] = shard_metadata(self.folder / self.index["shards"][shard])["captions"]
-            while len(self._captions) > self._keep:
-                self._captions.popitem(last=False)
-        self._captions.move_to_end(shard)
-        return self._captions[shard][row]
+        with safe_open(str(self.folder / self.index["shards"][shard]), framework="pt") as handle:
+            start, stop = handle.get_slice("caption_offsets")[row:row + 2].tolist()
+            return bytes(handle.get_slice("captions_utf8")[start:stop].numpy()).decode("utf-8")
 
     def latents(self, indices, flipped: bool = False) -> torch.Tensor:
         """float32 [len(indices), C, h, w], in the order given; reads only those rows."""

@@ -27,7 +27,7 @@ def _write_set(folder: Path, counts: list[int], shape=(2, 4, 4), flipped=False) 
     values, start = [], 0
     for number, count in enumerate(counts):
         latents = torch.arange(start, start + count, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, *shape)
-        write_shard(folder, number, latents, [f"caption {r}" for r in range(start, start + count)],
+        write_shard(folder, number, latents, [f"caption {r} é" for r in range(start, start + count)],
                     flipped=-latents if flipped else None)
         values.append(latents)
         start += count
@@ -45,7 +45,7 @@ def test_round_trip_reads_the_requested_rows_in_order(tmp_path):
     got = store.latents(order)
     assert got.dtype == torch.float32 and torch.equal(got, expected[order])
     assert torch.equal(store.latents(order, flipped=True), -expected[order])
-    assert [store.caption(r) for r in order] == [f"caption {r}" for r in order]
+    assert [store.caption(r) for r in order] == [f"caption {r} é" for r in order]
     with pytest.raises(IndexError):
         store.locate(12)
 
@@ -105,7 +105,8 @@ def test_interrupted_encode_resumes_to_identical_shards(shapes_folder, tmp_path,
     a, b = _contents(tmp_path / "whole"), _contents(cut)
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name][0]["latents"], b[name][0]["latents"]) and a[name][1] == b[name][1]
+        assert a[name][0].keys() == b[name][0].keys() == {"latents", "caption_offsets", "captions_utf8"}
+        assert all(torch.equal(a[name][0][key], b[name][0][key]) for key in a[name][0]) and a[name][1] == b[name][1]
     assert resumed.index["cumulative"] == whole.index["cumulative"] and resumed.stats == whole.stats
     with pytest.raises(ValueError, match="another encode \\(differs in dtype\\)"):
         encode_to_shards(str(shapes_folder), cut, PixelCodec(), 16, shard_size=6, dtype="bf16", progress=False)
