@@ -167,7 +167,8 @@ def profile(steps: int, threads: int) -> dict:
     # Side jobs, once each.
     from lmfusion.training.data import probe_records  # noqa: F401  (the run's own probe source)
 
-    probe_latents, probe_captions = data.latents[: config.probe_images], data.captions[: config.probe_images]
+    probe = list(range(config.probe_images))
+    probe_latents, probe_captions = data.latents(probe), [data.caption(i) for i in probe]
     start = time.perf_counter()
     image_probes(model, probe_latents, probe_captions, seed=0)
     result["probe_s"] = time.perf_counter() - start

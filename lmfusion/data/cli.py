@@ -1,4 +1,5 @@
-"""`lmfusion data shapes`: the built-in dataset, generated locally so no download is needed."""
+"""`lmfusion data shapes`: the built-in dataset, generated locally so no download is needed.
+`lmfusion data encode`: any caption source -> latent shards that training streams from."""
 
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     shapes.set_defaults(func=_shapes)
 
+    encode = kinds.add_parser("encode", help="encode a caption dataset into latent shards (resumable)")
+    encode.add_argument("--data", required=True, help="source: image folder, WebDataset shards or HF dataset on disk")
+    encode.add_argument("--out", required=True, help="output folder of shard-*.safetensors and index.json; "
+                        "rerun with the same flags to resume an interrupted encode")
+    encode.add_argument("--codec", default="{name: pixel}",
+                        help="codec as a YAML mapping, as `lmfusion train --codec` (default: '{name: pixel}')")
+    encode.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    encode.add_argument("--shard-size", type=int, default=10000, help="records per shard (default 10000)")
+    encode.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="stored latent dtype (default fp16)")
+    encode.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2; 0 = none)")
+    encode.add_argument("--batch-size", type=int, default=64, help="images per codec call (default 64)")
+    encode.add_argument("--flip", action="store_true", help="also store the latents of horizontally flipped images")
+    encode.add_argument("--device", default="cpu", help="device the codec runs on, e.g. cuda (default cpu)")
+    encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode.set_defaults(func=_encode)
+
 
 def _shapes(args: argparse.Namespace) -> int:
     if args.n < 1:
@@ -30,4 +47,20 @@ def _shapes(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, overwrite=args.overwrite, two_object_prob=args.two_object_prob,
     )
     print(f"wrote {args.n} shapes images to {out}")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..codecs import load_codec
+    from .encode_shards import encode_to_shards
+
+    codec = yaml.safe_load(args.codec) if isinstance(args.codec, str) else args.codec
+    if not isinstance(codec, dict) or "name" not in codec:
+        raise ValueError(f"--codec must be a mapping with a 'name', got {args.codec!r}")
+    shards = encode_to_shards(args.data, args.out, load_codec(**codec), args.image_size, shard_size=args.shard_size,
+                              dtype=args.dtype, workers=args.workers, flip=args.flip, device=args.device,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"wrote {len(shards)} records in {len(shards.index['shards'])} shards to {args.out}; {shards.stats_summary()}")
     return 0

@@ -49,6 +49,10 @@ class TrainConfig:
     latent_cache: str = ""  # folder of pre-encoded latents ("" = <LMFUSION_CACHE>/latents, "none" = off)
     pack_length: int = 0  # > 0: concatenate each micro-batch's examples into rows of this many tokens
     attention: str = "sdpa"  # "flex": flex_attention with a BlockMask (GPU training; see LMFusionConfig)
+    # Latent datasets above this many MiB (fp32) are encoded to shards in latent_cache and streamed
+    # from disk; smaller ones are held in memory, the fastest path.
+    memory_cache_limit_mb: float = 4096.0
+    data_workers: int = 0  # DataLoader processes building the next steps' batches (0 = in the training process)
 
     # ---- optimisation
     max_steps: int = 1000
@@ -103,6 +107,8 @@ class TrainConfig:
             (self.fresh_lr_scale > 0, f"fresh_lr_scale must be positive, got {self.fresh_lr_scale}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every must be >= 0 and log_every > 0"),
+            (self.memory_cache_limit_mb >= 0, f"memory_cache_limit_mb must be >= 0, got {self.memory_cache_limit_mb}"),
+            (self.data_workers >= 0, f"data_workers must be >= 0, got {self.data_workers}"),
             (self.probe_every >= 0 and self.probe_images >= 1, "probe_every must be >= 0 and probe_images >= 1"),
             (isinstance(self.codec, dict) and "name" in self.codec, f"codec must be a mapping with a 'name', got {self.codec!r}"),
             (bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}"),
@@ -347,9 +353,11 @@ def parse_value(text: str) -> Any:
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
-                     "runs_dir", "generate_shapes",
+                     "runs_dir", "generate_shapes", "data_workers",
                      # how a step is laid out and computed, not what it computes (same losses, same gradients)
                      "pack_length", "attention"}
+# Not resumable: memory_cache_limit_mb, because the in-memory path keeps fp32 latents and the shard
+# path fp16 ones, so crossing the limit on resume would change what later steps compute.
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> list[str]:

@@ -23,6 +23,9 @@ FIELD_HELP: dict[str, str] = {
     "text_only_ratio": "share of examples that are plain text (no image)",
     "text_data": "text file, one document per line, for text-only examples ('' = captions)",
     "latent_cache": "folder of pre-encoded latents ('' = the default cache, 'none' = off)",
+    "memory_cache_limit_mb": "datasets whose fp32 latents exceed this many MiB are encoded to latent shards "
+                             "in latent_cache and streamed from disk instead of held in memory",
+    "data_workers": "DataLoader worker processes that build the next steps' batches (0 = in the training process)",
     "max_steps": "optimizer steps to train",
     "batch_size": "examples per optimizer step, over all processes",
     "micro_batch_size": "examples per forward pass and process (0 = batch_size / processes)",

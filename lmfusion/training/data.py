@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
+from typing import Protocol
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from ..data.fingerprints import codec_fingerprint, dataset_fingerprint  # noqa: F401 (re-exported)
+from ..data.latent_shards import stats_summary
 from ..model.sequence import Example, MultimodalBatch, SequenceBuilder
 from ..utils import atomic_write_bytes
 
@@ -42,55 +44,51 @@ def ensure_dataset(config) -> None:
 
 
 # --------------------------------------------------------------------------- latent cache
+class LatentStore(Protocol):
+    """What BatchSource and the loop need of a dataset: records by number, latents by row.
+
+    `CaptionLatents` holds a small dataset in memory; `lmfusion.data.LatentShards` reads a large
+    one from disk a few rows at a time. Both return CPU float32 latents; batches move to the
+    device per step.
+    """
+
+    def __len__(self) -> int: ...
+
+    def caption(self, record: int) -> str: ...
+
+    def latents(self, indices) -> torch.Tensor: ...
+
+    stats: dict  # {"source", "seen", "ok", "skipped": {reason: count}}
+
+    def stats_summary(self) -> str: ...
+
+    def description(self) -> str: ...
+
+
 @dataclass
 class CaptionLatents:
-    """A whole dataset as clean latents [N, C, h, w] plus its captions and skip statistics."""
+    """A whole dataset in memory: clean latents [N, C, h, w] plus its captions and skip statistics."""
 
-    latents: torch.Tensor
-    captions: list[str]
+    tensor: torch.Tensor
+    captions_list: list[str]
     stats: dict  # {"source", "seen", "ok", "skipped": {reason: count}}
     cache_path: Path | None = None
     from_cache: bool = False
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions_list)
+
+    def caption(self, record: int) -> str:
+        return self.captions_list[record]
+
+    def latents(self, indices) -> torch.Tensor:
+        return self.tensor[torch.as_tensor(list(indices), dtype=torch.long)].float()
 
     def stats_summary(self) -> str:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.stats.get("skipped", {}).items()))
-        skipped = sum(self.stats.get("skipped", {}).values())
-        text = f"{self.stats.get('source')}: seen={self.stats.get('seen')} ok={self.stats.get('ok')} skipped={skipped}"
-        return text + (f" ({reasons})" if reasons else "")
+        return stats_summary(self.stats)
 
-
-def dataset_fingerprint(path: str) -> dict:
-    """What identifies a dataset's content cheaply: every file's name, size and mtime.
-
-    Hashing all image bytes would cost as much as decoding them; sizes and mtimes change whenever
-    a file is rewritten, which is what matters for a cache.
-    """
-    from ..data import expand_shards
-
-    if Path(path).exists():
-        root = Path(path).resolve()
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".lmfusion" not in p.parts)
-    else:  # a glob / brace pattern of WebDataset shards
-        files = [Path(u).resolve() for u in expand_shards(path) if os.path.isfile(u)]
-    listing = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return {"path": str(Path(path).resolve()) if Path(path).exists() else path, "files": listing}
-
-
-def codec_fingerprint(codec, image_size: int) -> str:
-    """A hash of the codec's output on a fixed probe image.
-
-    The codec's config names it, but its weights or its normalisation code can change under the
-    same name; encoding one synthetic image catches both. Rounded, so that a different thread
-    count (a different float summation order) does not invalidate the cache.
-    """
-    ramp = torch.linspace(0, 1, image_size)
-    probe = torch.stack([ramp.view(1, -1).expand(image_size, -1), ramp.view(-1, 1).expand(-1, image_size),
-                         (ramp.view(1, -1) * ramp.view(-1, 1))]).unsqueeze(0)
-    latents = codec.encode(probe).float().cpu()
-    return hashlib.sha256((latents * 1e3).round().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    def description(self) -> str:
+        return f"cached latents {self.cache_path}" if self.from_cache else "freshly encoded, in memory"
 
 
 def cache_key(data: str, image_size: int, codec) -> str:
@@ -148,13 +146,55 @@ def load_or_encode(data: str, image_size: int, codec, cache_dir: str = "", progr
         return read_cache(path)
     encoded = encode_dataset(data, image_size, codec, progress=progress)
     if path is not None:
-        meta = {"captions": json.dumps(encoded.captions), "stats": json.dumps(encoded.stats), "data": str(data),
+        meta = {"captions": json.dumps(encoded.captions_list), "stats": json.dumps(encoded.stats), "data": str(data),
                 "codec": json.dumps(codec.config()), "image_size": str(image_size),
                 "probe": codec_fingerprint(codec, image_size)}
-        atomic_write_bytes(path, save({"latents": encoded.latents.contiguous()}, metadata=meta))
+        atomic_write_bytes(path, save({"latents": encoded.tensor.contiguous()}, metadata=meta))
         encoded.cache_path = path
         drop_superseded(path, meta)
     return encoded
+
+
+def shard_folder(data: str, image_size: int, codec, cache_dir: str) -> Path | None:
+    """Where the latent shards of (data, size, codec) live in the latent cache; None when caching is off."""
+    path = cache_file(data, image_size, codec, cache_dir)
+    return None if path is None else path.with_name(path.stem + "-shards")
+
+
+def open_latent_store(config, codec, progress: bool = True, say=print) -> LatentStore:
+    """The run's records: a latent-shard folder given as `data`, else the in-memory cache for a small
+    dataset, else latent shards encoded into the latent cache. `say` is told which and why."""
+    from ..data import open_caption_dataset
+    from ..data.encode_shards import encode_to_shards
+    from ..data.latent_shards import LatentShards, is_shard_folder
+
+    data, size = config.data, config.image_size
+    if is_shard_folder(data):
+        store = LatentShards(data)
+        store.check_matches(codec.config(), codec_fingerprint(codec, size), size)
+        say(f"data: {data} is a latent-shard folder; streaming it")
+        return store
+    cached, shards = cache_file(data, size, codec, config.latent_cache), shard_folder(data, size, codec, config.latent_cache)
+    if cached is not None and cached.is_file():
+        say("data: in memory (latents cached by an earlier run)")
+        return read_cache(cached)
+    if shards is not None and is_shard_folder(shards):
+        say(f"data: streaming latent shards {shards} (encoded by an earlier run)")
+        return LatentShards(shards)
+    source = open_caption_dataset(data, size)
+    channels, height, width = codec.latent_shape(size)
+    limit = config.memory_cache_limit_mb
+    if hasattr(source, "__len__"):
+        megabytes = len(source) * channels * height * width * 4 / 2**20
+        small, why = megabytes <= limit, f"{len(source)} records, {megabytes:.0f} MiB of fp32 latents vs memory_cache_limit_mb {limit:g}"
+    else:
+        small, why = False, "a streamed source, size unknown before reading it"
+    if small or shards is None:
+        reason = why if small else why + "; but latent_cache is 'none', so no shard folder"
+        say(f"data: encoding into memory ({reason})")
+        return load_or_encode(data, size, codec, config.latent_cache, progress)
+    say(f"data: encoding to latent shards {shards} and streaming them ({why})")
+    return encode_to_shards(data, shards, codec, size, workers=config.data_workers, progress=progress)
 
 
 def probe_records(data: str, image_size: int, codec, n: int) -> tuple[torch.Tensor, list[str], str]:
@@ -165,7 +205,12 @@ def probe_records(data: str, image_size: int, codec, n: int) -> tuple[torch.Tens
     records.
     """
     from ..data import read_records
+    from ..data.latent_shards import LatentShards, is_shard_folder
 
+    if is_shard_folder(data):  # no images to encode: the shards' first records, already encoded
+        store = LatentShards(data)
+        shown = range(min(n, len(store)))
+        return store.latents(shown), [store.caption(i) for i in shown], "first records of the latent shards"
     test = Path(data) / "test"
     source = test if (test / "metadata.jsonl").is_file() else Path(data)
     records = read_records(str(source), image_size, n)
@@ -260,7 +305,7 @@ def read_text_documents(path: str) -> list[str]:
 class BatchSource:
     """Builds the micro-batch for any range of global sample positions."""
 
-    def __init__(self, data: CaptionLatents, builder: SequenceBuilder, planner: ExamplePlanner, texts: list[str] | None = None,
+    def __init__(self, data: LatentStore, builder: SequenceBuilder, planner: ExamplePlanner, texts: list[str] | None = None,
                  pack_length: int = 0):
         self.data, self.builder, self.planner = data, builder, planner
         self.texts = texts or []
@@ -268,7 +313,7 @@ class BatchSource:
 
     def example(self, plan: Plan) -> tuple[Example, bool]:
         """The laid-out example and whether it holds the record's image."""
-        caption = self.data.captions[plan.record]
+        caption = self.data.caption(plan.record)
         if plan.kind == "text":
             return self.builder.text_only(self.texts[plan.text_index] if self.texts else caption), False
         if plan.kind == "image_first":
@@ -283,13 +328,13 @@ class BatchSource:
             examples.append(example)
             if has_image:
                 images.append(plan.record)
-        latents = self.data.latents[torch.tensor(images, dtype=torch.long)] if images else None
+        latents = self.data.latents(images) if images else None
         if self.pack_length:
             return self.builder.pack(examples, latents, self.pack_length), plans
         return self.builder.collate(examples, latents), plans
 
 
-def build_batch_source(data: CaptionLatents, model, config) -> BatchSource:
+def build_batch_source(data: LatentStore, model, config) -> BatchSource:
     """Wire a dataset to the model's tokenizer and the config's mixing ratios."""
     builder = SequenceBuilder(model.tokenizer, model.boi_token_id, model.eoi_token_id, model.config.tokens_per_image,
                               config.max_text_tokens, model.config.num_train_timesteps)

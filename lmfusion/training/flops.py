@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..model.lmfusion import frozen_context_mask
-from .data import build_batch_source, load_or_encode
+from .data import build_batch_source, open_latent_store
 from .loop import StepPlan, build_model, chunk_seed, loss_sums
 
 _aten = torch.ops.aten
@@ -142,7 +142,7 @@ def _category(op: str) -> str:
 def run_step_flops(config, sample_steps: int = 4) -> dict:
     """FLOPs per step of the run described by a TrainConfig (builds its model and data)."""
     model, codec = build_model(config)
-    data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, progress=False)
+    data = open_latent_store(config, codec, progress=False, say=lambda _: None)
     source = build_batch_source(data, model, config)
     flops = measure_step_flops(model, source, config, range(sample_steps))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -28,10 +28,11 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import image_probes
-from .data import BatchSource, build_batch_source, ensure_dataset, load_or_encode, probe_records
+from .data import BatchSource, build_batch_source, ensure_dataset, open_latent_store, probe_records
 from .parallelize import compile_layers
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
                           init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
+from .step_batches import step_loader
 
 
 # --------------------------------------------------------------------------- construction
@@ -129,9 +130,12 @@ class StepPlan:
 
 
 def train_step(step: int, wrapped, model, source: BatchSource, optimizer, scheduler, config: TrainConfig,
-               plan: StepPlan, info: DistInfo) -> dict:
+               plan: StepPlan, info: DistInfo, batches=None) -> dict:
+    """One optimizer step; `batches` are this rank's micro-batches (built from `source` when None)."""
     chunks = [info.rank * plan.accum + a for a in range(plan.accum)]
-    batches = [source.batch(plan.positions(step, j))[0].to(info.device) for j in chunks]
+    if batches is None:
+        batches = [source.batch(plan.positions(step, j))[0] for j in chunks]
+    batches = [b.to(info.device) for b in batches]
     local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens]
                           for b in batches], dtype=torch.float64).sum(0)
     positions = sum(b.input_ids.numel() for b in batches)
@@ -202,7 +206,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     barrier(info)
     log = RunLog(config.run_dir, info.is_main)
     try:
-        data, model, codec = _load_data_and_model(config, info)
+        data, model, codec = _load_data_and_model(config, info, log)
         log.data_stats(data)
         source = build_batch_source(data, model, config)
         if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
@@ -226,9 +230,11 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
         history, first_step = [], step
         progress = log.progress(config, step)
+        steps = iter(step_loader(source, plan, info.rank, step, config.max_steps, config.data_workers))
         while step < config.max_steps:
             tick = time.time()
-            metrics = train_step(step, wrapped, model, source, optimizer, scheduler, config, plan, info)
+            _, batches = next(steps)
+            metrics = train_step(step, wrapped, model, source, optimizer, scheduler, config, plan, info, batches)
             step += 1
             metrics.update(step=step, step_time=time.time() - tick)
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
@@ -252,17 +258,17 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             "train_time": sum(m["step_time"] for m in history), "checkpoint": str(latest or "")}
 
 
-def _load_data_and_model(config: TrainConfig, info: DistInfo):
-    """Latents first, so a bad dataset fails in seconds; rank 0 fills the cache, the others read it."""
+def _load_data_and_model(config: TrainConfig, info: DistInfo, log):
+    """Latents first, so a bad dataset fails in seconds; rank 0 fills the cache, the others read it.
+    The latents stay on the CPU (or on disk): each step's batches move to the device."""
     codec = build_codec(config)
     if info.is_main:
-        data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, config.progress)
+        data = open_latent_store(config, codec, config.progress, say=log.say)
     barrier(info)
     if not info.is_main:
-        data = load_or_encode(config.data, config.image_size, codec, config.latent_cache, progress=False)
+        data = open_latent_store(config, codec, progress=False, say=log.say)
     model, codec = build_model(config, codec)
     model.to(info.device).train()
-    data.latents = data.latents.to(info.device)
     return data, model, codec
 
 
@@ -371,8 +377,7 @@ class RunLog:
 
     def data_stats(self, data) -> None:
         """Bad records were skipped by the data layer; say how many, here and in TensorBoard."""
-        origin = f"cached latents {data.cache_path}" if data.from_cache else "freshly encoded"
-        self.say(f"data: {len(data)} records ({origin}); {data.stats_summary()}")
+        self.say(f"data: {len(data)} records ({data.description()}); {data.stats_summary()}")
         if self.enabled:
             skipped = data.stats.get("skipped", {})
             self.writer.add_text("data/stats", data.stats_summary(), 0)
@@ -439,7 +444,8 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
         images = pipe.generate_image(list(config.sample_prompts), steps=config.sample_steps,
                                      guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
                                      progress=False)
-        pixels = codec.decode(data.latents[:4].to(model.device)).float().cpu()
+        shown = range(min(4, len(data)))
+        pixels = codec.decode(data.latents(shown).to(model.device)).float().cpu()
         captions = pipe.caption(pixels)
     except Exception as error:  # a sampler bug must not kill a long run; the checkpoint is safe
         log.say(f"step {step}: sample writing failed, training goes on: {type(error).__name__}: {error}")
@@ -453,7 +459,7 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLo
     lines = [f"step {step}: generated ({config.sample_steps} steps, guidance scale {config.sample_guidance_scale}), left to right:"]
     lines += [f"  {p}" for p in config.sample_prompts]
     lines += ["captions of training images (model | reference):"]
-    lines += [f"  {c!r} | {data.captions[i]!r}" for i, c in enumerate(captions)]
+    lines += [f"  {c!r} | {data.caption(i)!r}" for i, c in enumerate(captions)]
     (folder / f"{ckpt.step_name(step)}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     log.writer.add_image("samples", make_grid(images, nrow=len(images)), step)
     log.writer.add_text("samples/captions", "\n\n".join(lines), step)

@@ -89,11 +89,11 @@ def test_latent_cache_is_reused_and_keyed_by_dataset_and_codec(shapes, tmp_path)
     codec = CountingCodec()
     first = load_or_encode(str(shapes), 16, codec, str(tmp_path))
     assert codec.calls > 0 and not first.from_cache and first.cache_path.suffix == ".safetensors"
-    assert first.latents.shape == (12, 3, 16, 16) and first.stats["ok"] == 12
+    assert first.tensor.shape == (12, 3, 16, 16) and first.stats["ok"] == 12
     codec.calls = 0
     again = load_or_encode(str(shapes), 16, codec, str(tmp_path))
     assert codec.calls == 0 and again.from_cache and again.cache_path == first.cache_path
-    assert torch.equal(again.latents, first.latents) and again.captions == first.captions
+    assert torch.equal(again.tensor, first.tensor) and again.captions_list == first.captions_list
     other = CountingCodec("b")
     load_or_encode(str(shapes), 16, other, str(tmp_path))
     assert other.calls > 0 and len(list(tmp_path.glob("*.safetensors"))) == 2
