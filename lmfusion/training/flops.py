@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from ..model.lmfusion import frozen_context_mask
 from .data import build_batch_source, open_latent_store
 from .loop import StepPlan, build_model, chunk_seed, loss_sums
+from .metrics import path_parameters
 
 _aten = torch.ops.aten
 
@@ -57,31 +58,6 @@ CPU_ATTENTION = {
 
 def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
-
-
-def _numel(modules: Iterable[torch.nn.Module], trainable_only: bool = False) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad or not trainable_only)
-
-
-def path_parameters(model) -> dict[str, int]:
-    """Per-token parameter counts of the text path, the image path and the LM head."""
-    text_layers = list(model.text_model.model.layers)
-    text = _numel(text_layers)
-    if model.image_layers is None:  # dense: image tokens run through the text layers
-        image_modules = text_layers
-    elif all(layer.separate_attention for layer in model.image_layers):
-        image_modules = list(model.image_layers)
-    else:  # ffn_only: the shared (text) attention, then the image FFN
-        image_modules = list(model.image_layers) + [t.self_attn for t in text_layers] + [t.input_layernorm for t in text_layers]
-    head = model.text_model.get_output_embeddings().weight.numel() + model.special_head.weight.numel()
-    return {
-        "text": text,
-        "text_trained": _numel(text_layers, trainable_only=True),
-        "image": _numel(image_modules),
-        "image_trained": _numel(image_modules, trainable_only=True),
-        "head": head,
-        "head_trained": _numel([model.text_model.get_output_embeddings()], True) + model.special_head.weight.numel(),
-    }
 
 
 def analytic_batch_flops(model, batch) -> float:

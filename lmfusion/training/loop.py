@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import image_probes
 from .data import BatchSource, build_batch_source, ensure_dataset, open_latent_store, probe_records
+from .metrics import peak_flops, step_flops, unet_forward_flops
 from .parallelize import compile_layers
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
                           init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
@@ -136,10 +137,10 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     if batches is None:
         batches = [source.batch(plan.positions(step, j))[0] for j in chunks]
     batches = [b.to(info.device) for b in batches]
-    local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens]
-                          for b in batches], dtype=torch.float64).sum(0)
+    local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens,
+                           step_flops(model, b)["total"]] for b in batches], dtype=torch.float64).sum(0)
     positions = sum(b.input_ids.numel() for b in batches)
-    n_text, n_images, n_tokens = all_reduce_sum(local, info).tolist()
+    n_text, n_images, n_tokens, flops = all_reduce_sum(local, info).tolist()
     weight = model.config.diffusion_loss_weight
     sums = torch.zeros(2, dtype=torch.float64)
     for index, (j, batch) in enumerate(zip(chunks, batches)):
@@ -161,7 +162,8 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     text_loss, image_loss = text_sum / max(n_text, 1), image_sum / max(n_images, 1)
     return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
             "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),
-            "tokens": int(n_tokens), "packing_efficiency": float(sum(b.num_tokens for b in batches) / max(positions, 1))}
+            "tokens": int(n_tokens), "model_flops": flops,
+            "packing_efficiency": float(sum(b.num_tokens for b in batches) / max(positions, 1))}
 
 
 def autocast(config: TrainConfig, info: DistInfo):
@@ -209,6 +211,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         data, model, codec = _load_data_and_model(config, info, log)
         log.data_stats(data)
         source = build_batch_source(data, model, config)
+        unet_forward_flops(model)  # calibrated (and cached) before compile and FSDP change the modules
         if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
             compile_layers(model)
         # Wrap first: FSDP replaces the parameters with shards, which the optimizer must hold.
@@ -228,6 +231,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         elif config.probe_every and info.is_main:
             probes = probe_records(config.data, config.image_size, codec, config.probe_images)
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
+        peak = peak_flops(info.device)
         history, first_step = [], step
         progress = log.progress(config, step)
         steps = iter(step_loader(source, plan, info.rank, step, config.max_steps, config.data_workers))
@@ -238,6 +242,9 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             step += 1
             metrics.update(step=step, step_time=time.time() - tick)
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+            metrics["flops_per_s"] = metrics["model_flops"] / metrics["step_time"]
+            if peak:  # MFU only where the device's peak is known (not on a CPU)
+                metrics["mfu"] = metrics["flops_per_s"] / (peak * info.world_size)
             if probes is not None and (step % config.probe_every == 0 or step == config.max_steps):
                 metrics.update(log.probes(image_probes(model, probes[0], probes[1], seed=config.seed), step))
             history.append(metrics)
@@ -396,8 +403,10 @@ class RunLog:
         if not self.enabled:
             return
         step = metrics["step"]
-        for key in ("loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "step_time", "packing_efficiency"):
-            self.writer.add_scalar(f"train/{key}", metrics[key], step)
+        for key in ("loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "step_time",
+                    "packing_efficiency", "flops_per_s", "mfu"):
+            if key in metrics:
+                self.writer.add_scalar(f"train/{key}", metrics[key], step)
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
         bar.update(1)
@@ -406,7 +415,9 @@ class RunLog:
         if step % every == 0:
             self.say(f"step {step}: loss {metrics['loss']:.4f} text {metrics['text_loss']:.4f} image "
                      f"{metrics['image_loss']:.4f} lr {metrics['lr']:.2e} grad {metrics['grad_norm']:.2f} "
-                     f"{metrics['tokens_per_s']:.0f} tok/s, {100 * metrics['packing_efficiency']:.0f}% of positions real")
+                     f"{metrics['tokens_per_s']:.0f} tok/s {metrics['flops_per_s'] / 1e12:.3g} TFLOP/s"
+                     + (f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+                     + f", {100 * metrics['packing_efficiency']:.0f}% of positions real")
 
     def probes(self, values: dict, step: int) -> dict:
         """Whether the image path listens to its prompt (lmfusion.model.probes), in the log and TensorBoard."""
