@@ -287,8 +287,8 @@ PRESETS["demo"] = dict(
 #  * The paper's "32x32x8" latents: sd-vae-ft-mse (which LMFusion's footnote names) has 4 latent
 #    channels; its encoder's 8 raw channels are the mean and log-variance. We take the 4-channel
 #    mean (DiffusersVAECodec), i.e. 4 x 32 x 32 at 256 px; Transfusion's own 8-channel VAE is not released.
-#  * U-Net down + up blocks at ~0.27B parameters: unet_channels 1536 (0.28B with the timestep MLP,
-#    counted by `lmfusion train --preset paper --dry-run`).
+#  * U-Net down + up blocks at ~0.27B parameters: unet_channels 1472 (0.26B with the timestep MLP at
+#    hidden 4096, counted by `lmfusion train --preset paper --dry-run`).
 #  * The objective is flow matching with the high-noise shift, this project's measured default
 #    (docs/image_learning.md), not the paper's DDPM eps: `--model '{objective: eps}'` gives the paper's.
 #  * Batch: 864 examples of ~290 tokens = ~250K tokens per step (the paper's 250K), as 8 ranks x 12
@@ -300,7 +300,7 @@ PRESETS["paper"] = dict(
     image_size=256,
     patch_size=2,
     codec={"name": "diffusers", "path": "stabilityai/sd-vae-ft-mse"},
-    model=dict(unet_channels=1536, unet_norm_groups=32, time_embed_dim=1536),
+    model=dict(unet_channels=1472, unet_norm_groups=32, time_embed_dim=1024),
     data="data/train",
     image_first_ratio=0.2,
     caption_dropout=0.1,
