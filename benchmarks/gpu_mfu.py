@@ -143,7 +143,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"device": name, "args": vars(args), "rows": rows}, indent=1) + "\n")
     lines = [f"# Training MFU on {name}", "", f"Command: `python benchmarks/gpu_mfu.py {' '.join(sys.argv[1:])}`",
-             f"256-token images, bf16, {args.batch} examples per step, {args.steps} timed steps after {args.warmup}.", "",
+             f"{(args.image_size // 16) ** 2}-token images, {'fp32' if device.type == 'cpu' else 'bf16'}, "
+             f"{args.batch} examples per step, {args.steps} timed steps after {args.warmup} untimed.", "",
              "| model | configuration | tok/s | MFU | TFLOP/s | fill | peak GiB | s/step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_s" not in r:

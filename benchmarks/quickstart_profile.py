@@ -85,7 +85,10 @@ def profile(steps: int, threads: int) -> dict:
     # changes hit both alike: frozen-context rows with a graph, and the foreach AdamW kernel.
     import torch.optim
 
-    fused, foreach = optimizer, torch.optim.AdamW(optimizer.param_groups, foreach=True)
+    # Fresh group dicts: an optimizer's param_groups carry its own `fused` flag, which would win.
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    fused, foreach = optimizer, torch.optim.AdamW(groups, foreach=True)
+    assert fused.param_groups[0]["fused"] and not foreach.param_groups[0]["fused"]
     variants = {"now": (True, fused), "with_context_graph": (False, fused), "foreach_adamw": (True, foreach),
                 "before": (False, foreach)}
     spent = dict.fromkeys(variants, 0.0)

@@ -115,8 +115,10 @@ class LMFusionModel(nn.Module):
             self.special_head.weight.copy_(text_model.get_output_embeddings().weight.mean(0).expand(2, -1))
         self.gradient_checkpointing = False
         # Run text rows that nothing trainable precedes without an autograd graph (Routing.frozen_context).
-        # Gradients are the same either way; False only for tests and measurements of the saving.
-        self.skip_frozen_context = True
+        # Gradients are the same either way. Off by default: it removes ~10% of a quickstart step's
+        # FLOPs but the split matmuls made the step 5-8% slower on 2 CPU cores
+        # (benchmarks/results/quickstart_profile.md); TrainConfig.skip_frozen_context turns it on.
+        self.skip_frozen_context = False
         self.objective = DiffusionObjective(config.objective, config.num_train_timesteps, config.beta_schedule,
                                             config.timestep_sampling or None, config.timestep_shift)
         self.tokenizer = None if tokenizer is None else self._prepare_tokenizer(tokenizer)

@@ -70,6 +70,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each fused decoder layer (after checkpointing, before FSDP)
+    skip_frozen_context: bool = False  # no autograd graph for text that nothing trainable precedes
     parallel: str = "ddp"  # with several processes: "ddp" replicates, "fsdp" shards (FSDP2)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
 
@@ -355,7 +356,7 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpo
                      "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
                      "runs_dir", "generate_shapes", "data_workers",
                      # how a step is laid out and computed, not what it computes (same losses, same gradients)
-                     "pack_length", "attention"}
+                     "pack_length", "attention", "skip_frozen_context"}
 # Not resumable: memory_cache_limit_mb, because the in-memory path keeps fp32 latents and the shard
 # path fp16 ones, so crossing the limit on resume would change what later steps compute.
 

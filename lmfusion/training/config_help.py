@@ -43,6 +43,9 @@ FIELD_HELP: dict[str, str] = {
                    "tokens (each example attends only within itself; padding only at row ends); 0: one padded row per example",
     "attention": "attention kernel for training: sdpa (dense mask; CPU and short rows) or flex (flex_attention with a "
                  "block-sparse mask; needs a GPU to train, torch has no CPU backward for it)",
+    "skip_frozen_context": "run text that nothing trainable precedes (captions before their image, padding) without an "
+                           "autograd graph: same gradients, fewer FLOPs and less activation memory, but on 2 CPU cores "
+                           "the quickstart step was 5-8% slower (benchmarks/results/quickstart_profile.md)",
     "compile": "torch.compile each fused decoder layer (after activation checkpointing, before FSDP); pays off on a GPU",
     "gradient_checkpointing": "recompute each fused layer's activations in backward to save memory",
     "parallel": "with several processes (torchrun): ddp replicates the model, fsdp shards it (FSDP2)",

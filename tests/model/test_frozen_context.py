@@ -16,7 +16,9 @@ from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokeniz
 
 def _model():
     torch.manual_seed(0)
-    return LMFusionModel(tiny_text_model(300), tiny_lmfusion_config(), tokenizer=tiny_tokenizer(300))
+    model = LMFusionModel(tiny_text_model(300), tiny_lmfusion_config(), tokenizer=tiny_tokenizer(300))
+    model.skip_frozen_context = True  # what TrainConfig.skip_frozen_context sets
+    return model
 
 
 def _batch(model):

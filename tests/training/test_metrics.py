@@ -40,7 +40,7 @@ def test_matmuls_agree_with_the_measured_count(shapes, tiny_base, tmp_path):
     config = load_config("tiny", overrides=dict(base_model=str(tiny_base), data=str(shapes),
                                                 latent_cache=str(tmp_path), image_first_ratio=0.5, batch_size=8,
                                                 progress=False))
-    model, codec = build_model(config)
+    model, codec = build_model(config.replace(skip_frozen_context=True))
     source = build_batch_source(load_or_encode(config.data, config.image_size, codec, config.latent_cache,
                                                progress=False), model, config)
     measured = measure_step_flops(model, source, config, [0])
