@@ -168,8 +168,6 @@ def profile(steps: int, threads: int) -> dict:
     model.zero_grad(set_to_none=True)
 
     # Side jobs, once each.
-    from lmfusion.training.data import probe_records  # noqa: F401  (the run's own probe source)
-
     probe = list(range(config.probe_images))
     probe_latents, probe_captions = data.latents(probe), [data.caption(i) for i in probe]
     start = time.perf_counter()

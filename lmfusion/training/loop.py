@@ -167,7 +167,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     return {"loss": text_loss + weight * image_loss, "text_loss": text_loss, "image_loss": image_loss,
             "grad_norm": float(grad_norm), "lr": lr, "text_tokens": int(n_text), "images": int(n_images),
             "tokens": int(n_tokens), "model_flops": flops,
-            "packing_efficiency": float(sum(b.num_tokens for b in batches) / max(positions, 1))}
+            "packing_efficiency": float(local[2]) / max(positions, 1)}  # this rank's real tokens / positions
 
 
 def autocast(config: TrainConfig, info: DistInfo):

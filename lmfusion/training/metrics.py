@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..model.lmfusion import frozen_context_mask
+
 # bf16 dense tensor-core peak per device, from the vendors' data sheets (no sparsity).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -73,7 +75,7 @@ def path_parameters(model) -> dict[str, int]:
     }
 
 
-def token_classes(batch) -> dict[str, torch.Tensor]:
+def token_classes(batch, text_vocab_size: int) -> dict[str, torch.Tensor]:
     """Boolean [B, L] masks: image, text_upstream (4N), text_free (2N), padding; plus `context`.
 
     `context` [B, L] is how many tokens each position attends to in its document (causal). Batches
@@ -89,16 +91,12 @@ def token_classes(batch) -> dict[str, torch.Tensor]:
     index = torch.arange(real.shape[1], device=real.device).expand_as(real)
     start_index = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
     context = index - start_index + 1
-    # A document's first image starts at its BOI, the position just before the first patch.
-    boi = torch.zeros_like(image)
-    boi[:, :-1] = image[:, 1:] & ~image[:, :-1]
-    seen = torch.zeros_like(image)
-    for row in range(real.shape[0]):  # a running "BOI seen" that restarts with each document
-        count = torch.cumsum(boi[row].long(), 0)
-        at_start = torch.cummax(torch.where(starts[row], count - boi[row].long(), torch.zeros_like(count)), 0).values
-        seen[row] = count > at_start
+    # Nothing trainable upstream: the model's own rule (BOI/EOI rows and image patches are the
+    # trainable inputs), restarted at each document.
+    free = frozen_context_mask(batch.input_ids, batch.image_mask, batch.attention_mask, text_vocab_size,
+                               getattr(batch, "document_ids", None))
     text = real & ~image
-    return {"image": image, "text_upstream": text & seen, "text_free": text & ~seen, "padding": ~real,
+    return {"image": image, "text_upstream": text & ~free, "text_free": text & free, "padding": ~real,
             "context": context}
 
 
@@ -130,7 +128,7 @@ def unet_forward_flops(model) -> float:
 def step_flops(model, batch) -> dict[str, float]:
     """Model FLOPs of forward + backward of one MultimodalBatch, by part (see the module docstring)."""
     n = path_parameters(model)
-    classes = token_classes(batch)
+    classes = token_classes(batch, model.text_vocab_size)
     counts = {k: int(classes[k].sum()) for k in ("image", "text_upstream", "text_free", "padding")}
     wants, _ = batch.text_targets()
     # A frozen path's backward to the weights is skipped: 2N per trained parameter only.

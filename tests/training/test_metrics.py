@@ -10,10 +10,19 @@ from lmfusion.training.loop import StepPlan, build_model
 from lmfusion.training.metrics import path_parameters, peak_flops, step_flops, token_classes
 
 
+VOCAB = 100  # BOI = 100, EOI = 101, as LMFusionModel numbers them after the base vocabulary
+
+
 class _Batch:
     def __init__(self, image_mask, attention_mask, document_ids=None):
         self.image_mask, self.attention_mask = image_mask, attention_mask
         self.input_ids = torch.zeros_like(image_mask, dtype=torch.long)
+        starts = image_mask.clone()
+        starts[:, 1:] &= ~image_mask[:, :-1]
+        ends = image_mask.clone()
+        ends[:, :-1] &= ~image_mask[:, 1:]
+        self.input_ids[:, :-1][starts[:, 1:]] = VOCAB  # BOI before each image
+        self.input_ids[:, 1:][ends[:, :-1]] = VOCAB + 1  # EOI after it
         if document_ids is not None:
             self.document_ids = document_ids
 
@@ -23,13 +32,13 @@ def test_token_classes_follow_the_first_boi_of_each_document():
     image = torch.tensor([[0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
     real = torch.tensor([[1] * 11 + [0]])
     docs = torch.tensor([[0] * 7 + [1] * 5])
-    c = token_classes(_Batch(image, real, docs))
+    c = token_classes(_Batch(image, real, docs), VOCAB)
     assert c["text_free"][0].tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
     assert c["text_upstream"][0].tolist() == [0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0]
     assert c["padding"][0].tolist() == [0] * 11 + [1]
     assert c["context"][0, :9].tolist() == [1, 2, 3, 4, 5, 6, 7, 1, 2]
     # Without document_ids the row is one document: the second document's caption is now upstream.
-    assert bool(token_classes(_Batch(image, real))["text_upstream"][0, 7])
+    assert bool(token_classes(_Batch(image, real), VOCAB)["text_upstream"][0, 7])
 
 
 def test_no_mfu_on_cpu():
