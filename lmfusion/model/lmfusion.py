@@ -4,6 +4,10 @@ Text tokens run through the base model's own modules, image patch tokens through
 copies, and one self-attention spans the whole interleaved sequence (causal, bidirectional
 inside each image). For text-only input the computation is the base model's, op for op, so
 its logits are bit-identical.
+
+The base may also be a LLaVA-family VLM (LLaVAFusion): the images it reads go through its own
+vision tower and projector into its placeholder tokens (model/vlm.py), which are frozen text rows
+here, so its understanding is unchanged; the images LMFusion generates use the image modules.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from ..base_models import load_text_model, weights_hash
+from ..base_models import check_supported, load_processor, load_text_model, weights_hash
 from ..config import LMFusionConfig
 from ..diffusion import DiffusionObjective, per_image_mse
 from ..integrity import CheckpointError, read_safetensors, verify_manifest, write_manifest
@@ -29,6 +33,7 @@ from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
 from .masks import block_mask, image_segment_ids, transfusion_mask
 from .routing import ImageLayer, Routing, reinitialize
 from .sequence import MultimodalBatch
+from .vlm import is_vlm, merge_understanding_images
 
 CONFIG_FILE = "lmfusion_config.json"
 WEIGHTS_FILE = "lmfusion_weights.safetensors"
@@ -60,13 +65,23 @@ class LMFusionOutput:
 
 class LMFusionModel(nn.Module):
     def __init__(
-        self, text_model: PreTrainedModel, config: LMFusionConfig, base_hash: str | None = None, tokenizer=None
+        self, text_model: PreTrainedModel, config: LMFusionConfig, base_hash: str | None = None, tokenizer=None,
+        processor=None,
     ):
+        """`text_model`: the frozen base, a causal LM or a supported VLM (then named so for its
+        checkpoint keys, `text_model.*`, which adapters never store). `processor`: a VLM's own."""
         super().__init__()
+        check_supported(text_model.config)
         config = copy.deepcopy(config)  # the model's own copy: the caller's object is never written to
+        if is_vlm(text_model) and not config.text_frozen:
+            raise ValueError(f"mode {config.mode!r} trains the base model, but a VLM base stays frozen: "
+                             "use mode 'lmfusion' or 'ffn_only'")
         self.config = config
         self.text_model = text_model
-        text_config = text_model.config
+        self.processor = processor
+        # The decoder (embeddings, layers, rotary, final norm) of an LM or of a VLM's language model.
+        decoder = text_model.get_decoder()
+        text_config = text_model.config.get_text_config()
         self.text_config = text_config
         hidden = text_config.hidden_size
         std = getattr(text_config, "initializer_range", 0.02)
@@ -85,7 +100,7 @@ class LMFusionModel(nn.Module):
             separate = config.mode != "ffn_only"
             random_init = config.mode == "scratch" or config.image_init == "random"
             self.image_layers = nn.ModuleList(
-                ImageLayer(layer, separate, random_init, std) for layer in text_model.model.layers
+                ImageLayer(layer, separate, random_init, std) for layer in decoder.layers
             )
         # The fused layers the forward pass runs: each holds the base model's own text layer and
         # its image copy. They are a second path to modules registered above, so their state-dict
@@ -93,13 +108,13 @@ class LMFusionModel(nn.Module):
         # and `image_layers.N.*`, and checkpoints from before this module existed still load.
         self.layers = nn.ModuleList(
             FusionDecoderLayer(text, None if self.image_layers is None else self.image_layers[i], i)
-            for i, text in enumerate(text_model.model.layers)
+            for i, text in enumerate(decoder.layers)
         )
         self.register_state_dict_post_hook(_drop_layer_keys)
         self.register_load_state_dict_post_hook(_ignore_missing_layer_keys)
         self.image_norm = None
         if config.mode in ("lmfusion", "scratch"):
-            self.image_norm = copy.deepcopy(text_model.model.norm).requires_grad_(True)
+            self.image_norm = copy.deepcopy(decoder.norm).requires_grad_(True)
 
         self.time_embed = TimestepEncoder(config.unet_channels, config.time_embed_dim)
         self.image_in = ImageDownBlock(config, hidden)
@@ -127,7 +142,7 @@ class LMFusionModel(nn.Module):
         """`.to(bf16)` and friends, except that the rotary frequencies keep their dtype: HF loads
         them in fp32 whatever the weights' dtype, and rounding them to bf16 would move every
         position's rotation, so bf16 text logits would no longer equal the base model's."""
-        rotary = self.text_model.model.rotary_emb
+        rotary = self.decoder.rotary_emb
         kept = dict(rotary.named_buffers(recurse=False))
         result = super()._apply(fn, recurse)
         for name, before in kept.items():
@@ -149,18 +164,30 @@ class LMFusionModel(nn.Module):
             raise ValueError(f"BOI/EOI landed on ids {ids}, expected {[self.boi_token_id, self.eoi_token_id]}")
         return tokenizer
 
+    @property
+    def decoder(self) -> nn.Module:
+        """The base's decoder stack: `model` of a causal LM, `model.language_model` of a VLM."""
+        return self.text_model.get_decoder()
+
+    @property
+    def is_vlm(self) -> bool:
+        return is_vlm(self.text_model)
+
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
     def from_text_model(cls, text_model_or_path, config: LMFusionConfig | None = None, tokenizer=None) -> "LMFusionModel":
-        """Wrap a causal LM (a loaded model, a local folder, a hub id or "smollm2-135m")."""
+        """Wrap a causal LM or a LLaVA-family VLM (a loaded model, a local folder, a hub id or
+        "smollm2-135m"). A VLM given by path brings its processor (questions about images)."""
         config = config or LMFusionConfig()
+        processor = None
         if isinstance(text_model_or_path, str):
             text_model, loaded_tokenizer = load_text_model(text_model_or_path)
             config = dataclasses.replace(config, base_model=text_model_or_path)
             tokenizer = tokenizer or loaded_tokenizer
+            processor = load_processor(text_model_or_path) if is_vlm(text_model) else None
         else:
             text_model = text_model_or_path
-        return cls(text_model, config, tokenizer=tokenizer)
+        return cls(text_model, config, tokenizer=tokenizer, processor=processor)
 
     def save_pretrained(self, directory, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write the config and the non-base weights; the folder appears complete or not at all.
@@ -192,6 +219,7 @@ class LMFusionModel(nn.Module):
         verify_manifest(directory)
         config = LMFusionConfig.load(directory / CONFIG_FILE)
         text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=dtype)
+        processor = load_processor(base_model or config.base_model) if is_vlm(text_model) else None
         found = None
         if config.text_frozen:
             found = weights_hash(text_model)
@@ -200,7 +228,7 @@ class LMFusionModel(nn.Module):
                     f"base model {base_model or config.base_model} has weights hash {found[:12]}..., but the "
                     f"checkpoint {directory} was trained on {str(config.base_model_hash)[:12]}...: wrong base model"
                 )
-        model = cls(text_model, config, base_hash=found, tokenizer=tokenizer)
+        model = cls(text_model, config, base_hash=found, tokenizer=tokenizer, processor=processor)
         state = read_safetensors(directory / WEIGHTS_FILE)
         model.load_adapter_state(state, directory / WEIGHTS_FILE)
         return model.to(dtype)
@@ -218,12 +246,21 @@ class LMFusionModel(nn.Module):
     def device(self) -> torch.device:
         return self.special_head.weight.device
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_text(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                   image_sizes: torch.Tensor | None = None, **vision_kwargs) -> torch.Tensor:
+        """Base embeddings, BOI/EOI rows, and (VLM base, `pixel_values` given) the VLM's own image
+        features at its image placeholder tokens, as its forward computes them."""
         special = input_ids >= self.text_vocab_size
         embeds = self.text_model.get_input_embeddings()(input_ids.masked_fill(special, 0))
         if bool(special.any()):
             extra = self.special_embed((input_ids - self.text_vocab_size).clamp(0, 1))
             embeds = torch.where(special.unsqueeze(-1), extra.to(embeds.dtype), embeds)
+        if pixel_values is not None:
+            if not self.is_vlm:
+                raise ValueError("pixel_values are a VLM's image inputs, but this model's base is a text LM: "
+                                 "give images as image_latents")
+            embeds = merge_understanding_images(self.text_model, input_ids, embeds, pixel_values, image_sizes,
+                                                **vision_kwargs)
         return embeds
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -260,6 +297,9 @@ class LMFusionModel(nn.Module):
         use_cache: bool = False,
         logits_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
     ) -> LMFusionOutput:
         """Run an interleaved batch.
 
@@ -270,10 +310,15 @@ class LMFusionModel(nn.Module):
         logits_mask: [B, L] bool; when given, logits only for those positions, as [M, V + 2].
         document_ids: [B, L] example id per position of packed rows (-1 = padding; pass their
         position_ids too, restarting per example); each example then attends only within itself.
+        pixel_values / image_sizes / batch_num_images (VLM base only): the images the VLM reads, as
+        its processor makes them, for the `<image>` placeholders in input_ids (its own computation).
         """
+        vision = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+        if batch_num_images is not None:
+            vision["batch_num_images"] = batch_num_images
         text_rows, image_rows, routing, cache, skips, temb = self._backbone(
             input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
-            document_ids,
+            document_ids, vision,
         )
         logits = None
         if logits_mask is not None:
@@ -296,7 +341,7 @@ class LMFusionModel(nn.Module):
         return LMFusionOutput(logits=logits, noise_pred=noise_pred, cache=cache)
 
     def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
-                  document_ids=None):
+                  document_ids=None, vision=None):
         batch, length = input_ids.shape
         device = input_ids.device
         if document_ids is not None and (cache is not None or use_cache):
@@ -311,7 +356,7 @@ class LMFusionModel(nn.Module):
         if attention_mask is not None and attention_mask.shape[-1] != past + length:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + length}")
 
-        text_embeds = self.embed_text(input_ids).reshape(batch * length, -1)
+        text_embeds = self.embed_text(input_ids, **(vision or {})).reshape(batch * length, -1)
         x_text = text_embeds.index_select(0, routing.text_index) if routing.has_images else text_embeds
         x_image = skips = temb = None
         if routing.has_images:
@@ -348,14 +393,15 @@ class LMFusionModel(nn.Module):
                 cache=cache,
                 position_ids=position_ids,
             )
-        rotary = self.text_model.model.rotary_emb(text_embeds.view(batch, length, -1), position_ids=position_ids)
+        decoder = self.decoder
+        rotary = decoder.rotary_emb(text_embeds.view(batch, length, -1), position_ids=position_ids)
 
         for layer in self.layers:
             x_text, x_image = layer(x_text, x_image, routing, rotary, mask, cache)
 
-        x_text = routing.frozen_context(self.text_model.model.norm, x_text)
+        x_text = routing.frozen_context(decoder.norm, x_text)
         if x_image is not None:
-            final_norm = self.image_norm if self.image_norm is not None else self.text_model.model.norm
+            final_norm = self.image_norm if self.image_norm is not None else decoder.norm
             x_image = final_norm(x_image)
         return x_text, x_image, routing, cache, skips, temb
 

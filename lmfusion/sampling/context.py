@@ -8,6 +8,9 @@ sequence on every call: slow, but it is the reference the cached path is tested 
 
 Rows are left-padded, so the newest position is always the last column and positions (derived
 from the attention mask by the model) stay contiguous per row.
+
+With a VLM base, the prompt may hold images for the VLM to read (`vision`: its processor's
+pixel_values and image_sizes). They enter with the prompt; a cached context never needs them again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 class Context:
     """Sequences so far, as one left-padded batch, with their K/V cache and next-token logits."""
 
-    def __init__(self, model: "LMFusionModel", ids, image_mask, attention_mask, images, cache, logits):
+    def __init__(self, model: "LMFusionModel", ids, image_mask, attention_mask, images, cache, logits, vision=None):
         self.model = model
         self.ids = ids  # [R, L]; image positions hold the pad id
         self.image_mask = image_mask  # [R, L] bool
@@ -33,11 +36,20 @@ class Context:
         self.images = images  # per row: the clean latents of its images, in order
         self.cache = cache  # DynamicCache over all L positions, or None (recompute mode)
         self.logits = logits  # [R, V + 2] for the token after the last position
+        # The VLM's image inputs for the prompt's placeholders: passed with the prompt's run, and on
+        # every run when there is no cache (the recompute reference re-reads everything).
+        self.vision = vision or {}
+        self._vision_pending = bool(self.vision)
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_tokens(cls, model: "LMFusionModel", token_lists: Sequence[Sequence[int]], use_cache: bool = True) -> "Context":
-        """Left-pad `token_lists` into one batch and run it once (the shared text prefix)."""
+    def from_tokens(cls, model: "LMFusionModel", token_lists: Sequence[Sequence[int]], use_cache: bool = True,
+                    vision: dict | None = None) -> "Context":
+        """Left-pad `token_lists` into one batch and run it once (the shared text prefix).
+
+        vision: a VLM base's image inputs (pixel_values, image_sizes, ...) for the `<image>`
+        placeholders in the tokens, in reading order over the rows.
+        """
         if not token_lists or any(len(t) == 0 for t in token_lists):
             raise ValueError("every sequence needs at least one token")
         device = model.device
@@ -48,6 +60,8 @@ class Context:
             ids[row, length - len(tokens):] = torch.tensor(list(tokens), dtype=torch.long)
             mask[row, length - len(tokens):] = 1
         empty = cls._empty(model, len(token_lists), use_cache)
+        empty.vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (vision or {}).items()}
+        empty._vision_pending = bool(empty.vision)
         empty._run(ids, torch.zeros_like(ids, dtype=torch.bool), mask, [[] for _ in token_lists])
         return empty
 
@@ -97,11 +111,13 @@ class Context:
         self.image_mask = torch.cat([self.image_mask, image_mask], 1)
         self.attention_mask = torch.cat([self.attention_mask, attention_mask], 1)
         self.images = [old + new for old, new in zip(self.images, images)]
-        if not self.uses_cache:  # no K/V to reuse: run everything again
+        if not self.uses_cache:  # no K/V to reuse: run everything again (the VLM's images too)
             ids, image_mask, images = self.ids, self.image_mask, self.images
         wanted = torch.zeros_like(image_mask)
         wanted[:, -1] = True
         latents = [image for row in images for image in row]
+        vision = self.vision if (self._vision_pending or not self.uses_cache) else {}
+        self._vision_pending = False
         out = self.model(
             input_ids=ids,
             image_mask=image_mask if bool(image_mask.any()) else None,
@@ -111,6 +127,7 @@ class Context:
             cache=self.cache,
             use_cache=self.uses_cache,
             logits_mask=wanted,
+            **vision,
         )
         self.logits = out.logits.float()
 
@@ -142,13 +159,20 @@ class Context:
             _interleave_images(self.images, latents),
             _interleave_timesteps(self.images, timesteps),
             attention_mask if not bool(attention_mask.all()) else None,
+            **self.vision,
         )
         return _new_image_rows(self.images, out.noise_pred).float()
 
     # ------------------------------------------------------------------ reshaping the batch
+    def _check_reshapable(self) -> None:
+        if self.vision and not self.uses_cache:
+            raise ValueError("a context without a KV cache cannot regroup rows that hold VLM images "
+                             "(their pixel inputs are per batch): build it with use_cache=True")
+
     def select(self, rows: torch.Tensor) -> "Context":
         """A new context holding copies of `rows` (e.g. each prompt repeated n times)."""
         rows = rows.to(self.ids.device)
+        self._check_reshapable()
         cache = None
         if self.uses_cache:
             cache = _new_cache(self.model, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v, *_ in self.cache])
@@ -166,6 +190,8 @@ class Context:
     def stack(contexts: Sequence["Context"]) -> "Context":
         """Concatenate contexts row-wise, left-padding the shorter ones (K/V padded with zeros)."""
         model = contexts[0].model
+        for context in contexts:
+            context._check_reshapable()
         length = max(c.length for c in contexts)
         parts = [_left_pad(c, length) for c in contexts]
         cache = None

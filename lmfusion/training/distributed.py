@@ -12,7 +12,7 @@ parameter, gradient and AdamW moment, which is what a Llama-3-8B base (16B param
 trained) needs. Checkpoints become collective (torch.distributed.checkpoint, one shard file per
 rank) plus a gathered single-file adapter for from_pretrained (training/checkpoint.py).
 
-The fused layers reach the text layers a second way (text_model.model.layers), so the root unit
+The fused layers reach the text layers a second way (text_model.get_decoder().layers), so the root unit
 is told to ignore the parameters the layer units already own.
 
 Gradient semantics: the loop builds each rank's loss as (sum over its tokens) / (GLOBAL count),

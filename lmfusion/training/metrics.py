@@ -56,7 +56,7 @@ def _numel(modules, trainable_only: bool = False) -> int:
 
 def path_parameters(model) -> dict[str, int]:
     """Per-token parameter counts of the text path, the image path and the LM head."""
-    text_layers = list(model.text_model.model.layers)
+    text_layers = list(model.decoder.layers)
     text = _numel(text_layers)
     if model.image_layers is None:  # dense: image tokens run through the text layers
         image_modules = text_layers
