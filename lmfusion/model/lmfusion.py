@@ -183,8 +183,9 @@ class LMFusionModel(nn.Module):
         if isinstance(text_model_or_path, str):
             text_model, loaded_tokenizer = load_text_model(text_model_or_path)
             config = dataclasses.replace(config, base_model=text_model_or_path)
-            tokenizer = tokenizer or loaded_tokenizer
             processor = load_processor(text_model_or_path) if is_vlm(text_model) else None
+            # One tokenizer object: the processor's, so BOI/EOI registered below are the ones it knows.
+            tokenizer = tokenizer or (processor.tokenizer if processor is not None else loaded_tokenizer)
         else:
             text_model = text_model_or_path
         return cls(text_model, config, tokenizer=tokenizer, processor=processor)
@@ -220,6 +221,7 @@ class LMFusionModel(nn.Module):
         config = LMFusionConfig.load(directory / CONFIG_FILE)
         text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=dtype)
         processor = load_processor(base_model or config.base_model) if is_vlm(text_model) else None
+        tokenizer = processor.tokenizer if processor is not None else tokenizer
         found = None
         if config.text_frozen:
             found = weights_hash(text_model)

@@ -65,9 +65,16 @@ def _add_generate(subparsers) -> None:
 
 
 def _add_caption(subparsers) -> None:
-    p = subparsers.add_parser("caption", help="describe images", description="Caption one or more images.")
+    p = subparsers.add_parser(
+        "caption", help="describe images, or answer a question about them (VLM base)",
+        description="Caption one or more images. With a VLM base (llavafusion) the VLM itself reads them, "
+                    "and --question asks it something else.",
+    )
     _add_model_args(p)
     p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument("--question", default=None,
+                   help="what to ask about each image (VLM base only; default: a caption, "
+                        "the VLM asked 'Describe the image.')")
     _add_decoding_args(p, 32)
     p.set_defaults(func=run_caption)
 
@@ -79,6 +86,9 @@ def _add_chat(subparsers) -> None:
     )
     _add_model_args(p)
     p.add_argument("--prompt", default=None, help="one prompt (default: interactive, lines from stdin)")
+    p.add_argument("--image", nargs="+", default=None,
+                   help="image file(s) the prompts are about: a VLM base (llavafusion) answers each prompt "
+                        "about them through its own understanding path")
     p.add_argument("--out", required=True, help="folder for chat.md and its images")
     p.add_argument("--max-images", type=int, default=4, help="images per reply at most")
     _add_decoding_args(p, 256)
@@ -122,9 +132,15 @@ def run_caption(args) -> int:
     TokenPicker(args.temperature, args.top_p)  # validates before the model loads
     for path in args.image:
         verify_image(path)  # raises BadImageError (a ValueError) naming the file
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question is empty")
     pipe = _load(args)
-    texts = pipe.caption(list(args.image), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.question is not None:
+        _require_vlm(pipe, "--question")
+        texts = pipe.answer(list(args.image), args.question, **options)
+    else:
+        texts = pipe.caption(list(args.image), **options)
     for path, text in zip(args.image, texts):
         print(text if len(args.image) == 1 else f"{path}\t{text}")
     return 0
@@ -135,6 +151,8 @@ def run_chat(args) -> int:
 
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("prompt is empty")
+    if args.image:
+        return _chat_about_images(args)
     transcript = MarkdownTranscript(args.out)
     session = _load(args).chat(
         max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
@@ -150,7 +168,35 @@ def run_chat(args) -> int:
     return 0
 
 
+def _chat_about_images(args) -> int:
+    """Each prompt answered by the VLM base about all of --image, in one prompt (also in OUT/chat.md)."""
+    from ..data.images import verify_image
+    from .understanding import answer
+
+    for path in args.image:
+        verify_image(path)
+    pipe = _load(args)
+    _require_vlm(pipe, "--image")
+    lines = [f"images: {', '.join(args.image)}", ""]
+    for prompt in [args.prompt] if args.prompt is not None else _stdin_prompts():
+        reply = answer(pipe.model, list(args.image), prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        print(reply, flush=True)
+        lines += [f"**user:** {prompt}", "", f"**assistant:** {reply}", ""]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "chat.md", "\n".join(lines).encode())
+    print(f"transcript: {out / 'chat.md'}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------- helpers
+def _require_vlm(pipe, flag: str) -> None:
+    if not pipe.model.is_vlm:
+        raise ValueError(f"{flag} needs a checkpoint whose base is a VLM (e.g. the llavafusion preset); this "
+                         "one's base is a text LM, which cannot read a question about an image: use lmfusion caption")
+
+
 def _load(args):
     from .pipeline import LMFusionPipeline
 

@@ -3,6 +3,7 @@
     pipe = LMFusionPipeline.from_pretrained("runs/shapes")      # a run folder or a model folder
     pipe.generate_image("a red circle", steps=50, guidance_scale=3.0, seed=0)   # [PIL.Image]
     pipe.caption("photo.png")                                                   # str
+    pipe.answer("photo.png", "What colour is it?")          # str (a VLM base answers, e.g. LLaVAFusion)
     pipe.generate_interleaved("Draw a red circle, then describe it.")           # [str | PIL.Image]
     pipe.generate_text("The capital of France is")                              # str
 
@@ -25,6 +26,7 @@ from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from .image import generate_image, sample_latents
 from .interleaved import InterleavedSession, generate_interleaved
 from .text import caption, generate_text
+from .understanding import DEFAULT_CAPTION_QUESTION, answer_batch
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -75,7 +77,20 @@ class LMFusionPipeline:
         return sample_latents(self.model, prompts, **options)
 
     def caption(self, image, **options):
+        """A caption per image. With a VLM base the VLM describes it through its own understanding
+        path (asked DEFAULT_CAPTION_QUESTION); otherwise the image modules read the latents."""
+        if self.model.is_vlm:
+            return self.answer(image, DEFAULT_CAPTION_QUESTION, **options)
         return caption(self.model, image, codec=self.codec, **options)
+
+    def answer(self, image, question: str, **options):
+        """The VLM base's answer about each image (a path / PIL image, or a list: one answer each)."""
+        single = not isinstance(image, (list, tuple)) and not (torch.is_tensor(image) and image.dim() == 4)
+        images = [image] if single else list(image)
+        if not images:
+            raise ValueError("no images given")
+        answers = answer_batch(self.model, [[item] for item in images], [question] * len(images), **options)
+        return answers[0] if single else answers
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, **options) -> str:
         return generate_text(self.model, prompt, max_new_tokens, **options)

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.images import open_rgb_pil
+from ..data.images import open_rgb_pil, to_pil
 from .text import Context, TokenPicker, decode, eos_ids, max_positions, vocabulary_mask
 
+# What the VLM is asked when it is only told to caption (the tiny LLaVA's training prompt, lmfusion/vlm).
+DEFAULT_CAPTION_QUESTION = "Describe the image."
 # What a processor returns beside the tokens that LMFusionModel.forward takes (model/vlm.py).
 VISION_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
 
@@ -46,7 +48,7 @@ def vlm_inputs(model, images_per_question: Sequence[Sequence], questions: Sequen
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question is empty")
     prompts = [vlm_prompt(model, q, len(images)) for q, images in zip(questions, images_per_question)]
-    flat = [open_rgb_pil(image) for images in images_per_question for image in images]
+    flat = [_as_pil(image) for images in images_per_question for image in images]
     inputs = model.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True)
     mask = inputs["attention_mask"].bool()
     token_lists = [ids[row_mask].tolist() for ids, row_mask in zip(inputs["input_ids"], mask)]
@@ -58,6 +60,11 @@ def vlm_inputs(model, images_per_question: Sequence[Sequence], questions: Sequen
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].to(model.special_head.weight.dtype)
     return token_lists, vision
+
+
+def _as_pil(image):
+    """A path, bytes or PIL image (decoded and checked), or a [3, H, W] tensor in [0, 1]."""
+    return to_pil(image) if isinstance(image, torch.Tensor) else open_rgb_pil(image)
 
 
 @torch.no_grad()
@@ -73,5 +80,5 @@ def answer_batch(model, images_per_question: Sequence[Sequence], questions: Sequ
 
 def answer(model, image, question: str, **options) -> str:
     """The VLM's answer to `question` about `image` (a path or PIL image, or a list of them)."""
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    images = list(image) if isinstance(image, (list, tuple)) or (torch.is_tensor(image) and image.dim() == 4) else [image]
     return answer_batch(model, [images], [question], **options)[0]

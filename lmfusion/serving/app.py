@@ -152,6 +152,8 @@ class Routes:
         temperature = body.temperature if body.temperature is not None else 0.0  # greedy unless asked
         top_p = body.top_p if body.top_p is not None else 1.0
         limit = body.max_completion_tokens or body.max_tokens
+        if parsed.images and self.engine.model.is_vlm:
+            return await self._answer(body, request, parsed, limit or self.settings.chat_tokens, temperature, top_p)
         if parsed.images:
             return await self._caption(body, request, parsed, limit or self.settings.caption_tokens, temperature, top_p)
         prompt = self._check(self.engine.render_chat, parsed.messages, param="messages")
@@ -177,6 +179,14 @@ class Routes:
         tokens_in = len(images) * (self.engine.model.config.tokens_per_image + 2)
         usage = chat.usage(tokens_in, len(self.engine.tokenizer(text, add_special_tokens=False).input_ids))
         return self._reply(body, {"role": "assistant", "content": text}, "stop", usage)
+
+    async def _answer(self, body, request, parsed, limit, temperature, top_p):
+        images, question = parsed.image_bytes, parsed.question
+        job = self._submit(lambda: self.worker.submit_call(
+            lambda cancelled: self.engine.answer(images, question, limit, temperature, top_p, body.seed)))
+        result = await self._wait(job, request)
+        return self._reply(body, {"role": "assistant", "content": result.text}, result.finish_reason,
+                           chat.usage(result.prompt_tokens, result.completion_tokens))
 
     async def _interleaved(self, body, request, prompt, prompt_tokens, limit, temperature, top_p):
         steps = body.steps or self.settings.steps

@@ -2,10 +2,12 @@
 
 A request is answered in one of three ways, chosen by what it holds:
 
-- **caption**: the last user message carries images (`image_url` parts, as data URLs). The
-  reply is the model's caption of each image (one per line); the message's text, e.g.
-  "Describe this image.", is not read: the model was trained to caption, not to follow
-  instructions about images.
+- **answer** (VLM base, e.g. the llavafusion preset): the last user message carries images
+  (`image_url` parts, as data URLs). The VLM reads the images and the message's text through
+  its own understanding path and answers it (an image with no text is asked for a caption).
+- **caption** (text-LM base): the same kind of message. The reply is the model's caption of
+  each image (one per line); the message's text is not read: a model whose base is a text LM
+  was trained to caption, not to follow instructions about images.
 - **interleaved**: `modalities` includes "image". The model continues the conversation and may
   draw (it emits BOI). Drawn images are returned in `message.images` as
   `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (the shape image
@@ -39,6 +41,13 @@ IMAGE_MARKER = "[image {}]"
 class ChatInput:
     messages: list[dict]  # {"role", "content"} with text only, for the chat template
     images: list[torch.Tensor] = field(default_factory=list)  # the last user message's images
+    image_bytes: list[bytes] = field(default_factory=list)  # the same images as sent (a VLM's processor reads them)
+
+    @property
+    def question(self) -> str:
+        """The last user message's text (what a VLM base is asked about its images)."""
+        last_user = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
+        return self.messages[last_user]["content"]
 
 
 def parse_messages(messages: list[Message], image_size: int) -> ChatInput:
@@ -48,7 +57,7 @@ def parse_messages(messages: list[Message], image_size: int) -> ChatInput:
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
     if last_user is None:
         raise bad_request("messages must include a user message", "messages")
-    texts, images = [], []
+    texts, images, raw = [], [], []
     for index, message in enumerate(messages):
         parts = [message.content] if isinstance(message.content, str) else (message.content or [])
         text = []
@@ -60,13 +69,14 @@ def parse_messages(messages: list[Message], image_size: int) -> ChatInput:
             elif index == last_user:
                 where = f"messages.{index}.content.{number}.image_url"
                 try:
-                    images.append(load_rgb_image(decode_data_url(part.image_url.url, where), image_size))
+                    raw.append(decode_data_url(part.image_url.url, where))
+                    images.append(load_rgb_image(raw[-1], image_size))
                 except ValueError as error:
                     raise bad_request(f"{where}: the image could not be decoded ({error})", where) from error
         texts.append({"role": message.role, "content": "\n".join(text)})
     if not images and not texts[last_user]["content"].strip():
         raise bad_request("the last user message is empty", f"messages.{last_user}.content")
-    return ChatInput(texts, images)
+    return ChatInput(texts, images, raw)
 
 
 def decode_data_url(url: str, where: str) -> bytes:

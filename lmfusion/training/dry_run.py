@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..base_models import SUPPORTED_MODEL_TYPES, resolve_base_model
+from ..base_models import check_supported, is_vlm_config, resolve_base_model
 from .config import TrainConfig
 
 # Latent shapes of codecs whose weights the dry run does not load: (channels, downsampling).
@@ -39,7 +39,7 @@ CAPTION_TOKENS = 32
 
 
 def base_config(name_or_path: str):
-    """The base LM's transformers config: a folder, a config.json path or a hub id (config only)."""
+    """The base model's transformers config (an LM's or a VLM's): a folder, a config.json path or a hub id (config only)."""
     from transformers import AutoConfig
 
     path = Path(name_or_path)
@@ -75,21 +75,21 @@ def latent_shape(codec: dict, image_size: int) -> tuple[int, int]:
 
 def meta_model(config: TrainConfig):
     """The run's LMFusionModel on the meta device: exact shapes, no storage, no weights read."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..config import LMFusionConfig
     from ..model.lmfusion import LMFusionModel
 
-    text_config = base_config(config.base_model)
-    if text_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config.base_model} is a {text_config.model_type!r} model; LMFusion supports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    base = base_config(config.base_model)
+    check_supported(base, config.base_model)
     channels, side = latent_shape(config.codec, config.image_size)
     model_config = LMFusionConfig(base_model=config.base_model, mode=config.mode, attention=config.attention,
                                   codec=config.codec, image_size=config.image_size, latent_channels=channels,
                                   latent_size=side, patch_size=config.patch_size, **config.model)
     with torch.device("meta"):
-        text_model = AutoModelForCausalLM.from_config(text_config)
+        # A VLM builds whole (vision tower and projector count as frozen parameters).
+        loader = AutoModelForImageTextToText if is_vlm_config(base) else AutoModelForCausalLM
+        text_model = loader.from_config(base)
         return LMFusionModel(text_model, model_config, base_hash="dry-run (no weights read)")
 
 
