@@ -104,6 +104,27 @@ class Context:
         image_mask[:, -1] = False
         self._run(ids, image_mask, torch.ones_like(ids), [[image] for image in latents])
 
+    def append_vlm_image(self, image, processor) -> None:
+        """Append one image per row as a VLM base *reads* it: its processor's placeholder tokens,
+        filled with its own vision features (the understanding path, model/vlm.py).
+
+        `image`: one PIL image per row. A cached context only: the pixel inputs are used once.
+        """
+        if not self.uses_cache:
+            raise ValueError("append_vlm_image needs a context with a KV cache (use_cache=True)")
+        images = list(image)
+        if len(images) != self.rows:
+            raise ValueError(f"{len(images)} images for {self.rows} rows")
+        inputs = processor(images=images, text=[processor.image_token] * self.rows, return_tensors="pt",
+                           add_special_tokens=False)
+        ids = inputs["input_ids"].to(self.ids.device)
+        if not bool(inputs["attention_mask"].all()):
+            raise ValueError("the images expand to different numbers of placeholder tokens; append them one row at a time")
+        self.vision = {k: inputs[k].to(self.ids.device) for k in ("pixel_values", "image_sizes") if k in inputs}
+        self.vision["pixel_values"] = self.vision["pixel_values"].to(self.model.special_head.weight.dtype)
+        self._vision_pending = True
+        self._run(ids, torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids), [[] for _ in range(self.rows)])
+
     @torch.no_grad()
     def _run(self, ids, image_mask, attention_mask, images) -> None:
         """Append positions and compute the logits after the last one (cached or from scratch)."""

@@ -4,6 +4,11 @@ One running `Context` (one KV cache) holds the whole exchange. On BOI the image 
 against that cache, the finished image is appended clean (t = 0) followed by EOI, and text
 decoding carries on after it, so later text can refer to the image. A session keeps the
 context between turns, which is what `lmfusion chat` uses.
+
+With a VLM base a drawn image can enter the later context in three ways (`image_context`):
+"latents", its clean latents through the image modules (as with a text LM; what later images
+condition on); "vlm", the VLM's own reading of the decoded image (its vision tower's features at
+its placeholders, what its text layers were trained on); or "both". docs/llavafusion.md measures them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from .context import Context
 from .text import TokenPicker, encode_text, eos_ids, max_positions, vocabulary_mask
 
 
+IMAGE_CONTEXTS = ("latents", "vlm", "both")
+
+
 class InterleavedSession:
     """A running text + image exchange; each `send` continues it and returns the new parts."""
 
@@ -36,10 +44,16 @@ class InterleavedSession:
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         scheduler: str | None = None,
         progress: bool = True,
+        image_context: str = "latents",
         *,
         codec: ImageCodec,
     ):
         check_sampling_args(steps, guidance_scale, 1, scheduler)
+        if image_context not in IMAGE_CONTEXTS:
+            raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
+        if image_context != "latents" and not (model.is_vlm and model.processor is not None):
+            raise ValueError(f"image_context {image_context!r} needs a VLM base with its processor")
+        self.image_context = image_context
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if max_images < 0:
@@ -95,7 +109,21 @@ class InterleavedSession:
 
     def _room_for_image(self) -> bool:
         needed = 2 + self.model.config.tokens_per_image + 1  # BOI, patches, EOI, one more token
+        if self.image_context != "latents":
+            needed += self._vlm_tokens_per_image()
         return self.context.length + needed <= max_positions(self.model)
+
+    def _vlm_tokens_per_image(self) -> int:
+        """Placeholder tokens the VLM's processor gives a drawn image (they all have the model's size)."""
+        if getattr(self, "_vlm_tokens", None) is None:
+            from PIL import Image
+
+            size = self.model.config.image_size
+            processor = self.model.processor
+            blank = Image.new("RGB", (size, size), "white")
+            self._vlm_tokens = processor(images=[blank], text=processor.image_token, add_special_tokens=False,
+                                         return_tensors="pt")["input_ids"].shape[1]
+        return self._vlm_tokens
 
     def _image(self):
         """Denoise an image after the context (which ends in BOI), then append it clean + EOI."""
@@ -108,10 +136,16 @@ class InterleavedSession:
         else:  # sample straight on the running cache: each step crops it back
             branch = context
         latents = denoise(model, [branch], generators, self.steps, self.guidance_scale, self.scheduler, self.progress)
-        context.append_image(latents)
         from ..data.images import to_pil
 
-        return to_pil(decode_latents(self.codec, latents)[0])
+        image = to_pil(decode_latents(self.codec, latents)[0])
+        if self.image_context == "vlm":  # close the drawn image without its latents
+            context.append_tokens(torch.tensor([[model.eoi_token_id]]))
+        else:
+            context.append_image(latents)
+        if self.image_context in ("vlm", "both"):
+            context.append_vlm_image([image], model.processor)
+        return image
 
 
 def _flush_text(model, text_ids: list[int], parts: list) -> None:

@@ -279,6 +279,17 @@ PRESETS["demo"] = dict(
                     "a small purple square to the left of a large orange circle"],
 )
 
+# LLaVAFusion (LMFusion §5.3) at toy scale: the quickstart's recipe on top of a frozen VLM instead
+# of a text LM. The base is the small LLaVA that `lmfusion vlm build` trains here (SmolLM2-135M +
+# a SigLIP tower trained from scratch, docs/tiny_llava.md); any supported LLaVA-family folder works
+# (--base-model). The VLM keeps all understanding (its own vision tower reads images), so every
+# example trains generation: image_first_ratio 0. See docs/llavafusion.md.
+PRESETS["llavafusion"] = dict(
+    PRESETS["quickstart"],
+    name="llavafusion",
+    base_model="runs/tiny_llava",
+    image_first_ratio=0.0,
+)
 
 # The paper's recipe at full size (LMFusion §4.1, Transfusion §4): Llama-3-8B, 256 px images as
 # sd-vae-ft-mse latents, 2x2 patches = 256 tokens per image, 4,096-token packs, AdamW (0.9, 0.95,
