@@ -139,13 +139,22 @@ class InterleavedSession:
         from ..data.images import to_pil
 
         image = to_pil(decode_latents(self.codec, latents)[0])
-        if self.image_context == "vlm":  # close the drawn image without its latents
-            context.append_tokens(torch.tensor([[model.eoi_token_id]]))
-        else:
-            context.append_image(latents)
-        if self.image_context in ("vlm", "both"):
-            context.append_vlm_image([image], model.processor)
+        append_drawn_image(context, latents, [image], self.image_context)
         return image
+
+
+def append_drawn_image(context: Context, latents: torch.Tensor, images: list, image_context: str = "latents") -> None:
+    """Close the image each row just drew (its context ends in BOI) and add it to the context as
+    `image_context` says: its clean latents + EOI, EOI + the VLM's reading of `images` (PIL), or both."""
+    if image_context not in IMAGE_CONTEXTS:
+        raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
+    model = context.model
+    if image_context == "vlm":  # close the drawn image without its latents
+        context.append_tokens(torch.full((context.rows, 1), model.eoi_token_id))
+    else:
+        context.append_image(latents)
+    if image_context in ("vlm", "both"):
+        context.append_vlm_image(images, model.processor)
 
 
 def _flush_text(model, text_ids: list[int], parts: list) -> None:

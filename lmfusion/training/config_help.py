@@ -8,7 +8,7 @@ FIELD_HELP: dict[str, str] = {
     "name": "run name: the run folder is <runs_dir>/<name>",
     "runs_dir": "folder that holds run folders",
     "seed": "seed for initialisation, data order and diffusion noise",
-    "base_model": "base LM: 'smollm2-135m', a HuggingFace hub id or a local folder",
+    "base_model": "base model: 'smollm2-135m', a HuggingFace hub id or a local folder; a causal LM or a LLaVA-family VLM",
     "mode": "lmfusion | ffn_only | dense | scratch (paper section 5.1 ablation)",
     "image_size": "image side in pixels",
     "patch_size": "latent cells per patch side (tokens per image = (latent side / patch)^2)",
