@@ -5,6 +5,7 @@
   generate/caption/chat  lmfusion.sampling.cli
   eval                   lmfusion.evaluation.cli
   serve                  lmfusion.serving.cli
+  vlm build/eval         lmfusion.vlm.cli
 
 Expected failures (bad input, missing files, wrong checkpoints) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -18,7 +19,7 @@ import sys
 
 COMMAND_MODULES = (
     "lmfusion.data.cli", "lmfusion.training.cli", "lmfusion.sampling.cli", "lmfusion.evaluation.cli",
-    "lmfusion.serving.cli",
+    "lmfusion.serving.cli", "lmfusion.vlm.cli",
 )
 # OSError covers missing/existing files, permissions and full disks: all things a user fixes.
 # KeyError is not here: a missing dict key is a bug and keeps its traceback; code that looks up
