@@ -31,7 +31,7 @@ from ..utils import atomic_directory
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
 from .masks import block_mask, image_segment_ids, transfusion_mask
-from .routing import ImageLayer, Routing, reinitialize
+from .routing import ImageLayer, Routing, frozen_context_mask, reinitialize
 from .sequence import MultimodalBatch
 from .vlm import is_vlm, merge_understanding_images
 
@@ -486,30 +486,6 @@ class LMFusionModel(nn.Module):
     def fusion_layers(self) -> list[FusionDecoderLayer]:
         """The FusionDecoderLayer modules, without any wrapper around them."""
         return [unwrap_checkpointing(layer) for layer in self.layers]
-
-
-def frozen_context_mask(input_ids: torch.Tensor, image_mask: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                        text_vocab_size: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L] True at positions whose hidden state no trainable parameter can reach.
-
-    With the text modules frozen, the only trainable inputs of the stack are image patches and the
-    BOI/EOI embedding rows. A position is reachable from them iff one of them sits at or before it
-    in the same document (attention is causal across documents' text); everything earlier, and
-    padding, is a constant of the base model. Documents are rows unless `document_ids` says otherwise.
-    """
-    trainable = input_ids >= text_vocab_size
-    if image_mask is not None:
-        trainable = trainable | image_mask
-    count = trainable.long().cumsum(-1)
-    if document_ids is not None:  # restart the count at each document's first position
-        starts = torch.ones_like(trainable)
-        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-        before = torch.where(starts, count - trainable.long(), torch.zeros_like(count))
-        count = count - before.cummax(-1).values
-    context = count == 0
-    if attention_mask is not None:
-        context = context | ~attention_mask[:, -input_ids.shape[1]:].bool()
-    return context
 
 
 def _drop_layer_keys(module, state_dict, prefix, local_metadata) -> None:

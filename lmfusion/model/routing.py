@@ -124,3 +124,27 @@ def project_qkv(norm: nn.Module, proj: nn.Module, x: torch.Tensor) -> tuple[torc
 
 def feed_forward(x: torch.Tensor, norm: nn.Module, mlp: nn.Module) -> torch.Tensor:
     return x + mlp(norm(x))
+
+
+def frozen_context_mask(input_ids: torch.Tensor, image_mask: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                        text_vocab_size: int, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] True at positions whose hidden state no trainable parameter can reach.
+
+    With the text modules frozen, the only trainable inputs of the stack are image patches and the
+    BOI/EOI embedding rows. A position is reachable from them iff one of them sits at or before it
+    in the same document (attention is causal across documents' text); everything earlier, and
+    padding, is a constant of the base model. Documents are rows unless `document_ids` says otherwise.
+    """
+    trainable = input_ids >= text_vocab_size
+    if image_mask is not None:
+        trainable = trainable | image_mask
+    count = trainable.long().cumsum(-1)
+    if document_ids is not None:  # restart the count at each document's first position
+        starts = torch.ones_like(trainable)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = torch.where(starts, count - trainable.long(), torch.zeros_like(count))
+        count = count - before.cummax(-1).values
+    context = count == 0
+    if attention_mask is not None:
+        context = context | ~attention_mask[:, -input_ids.shape[1]:].bool()
+    return context

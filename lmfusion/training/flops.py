@@ -33,7 +33,7 @@ from typing import Iterable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..model.lmfusion import frozen_context_mask
+from ..model.routing import frozen_context_mask
 from .data import build_batch_source, open_latent_store
 from .loop import StepPlan, build_model, chunk_seed, loss_sums
 from .metrics import path_parameters

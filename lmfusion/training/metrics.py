@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..model.lmfusion import frozen_context_mask
+from ..model.routing import frozen_context_mask
 
 # bf16 dense tensor-core peak per device, from the vendors' data sheets (no sparsity).
 PEAK_BF16_FLOPS = {

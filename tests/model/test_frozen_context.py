@@ -9,7 +9,8 @@ token through exactly one modality's weights.
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lmfusion.model.lmfusion import LMFusionModel, frozen_context_mask
+from lmfusion.model.lmfusion import LMFusionModel
+from lmfusion.model.routing import frozen_context_mask
 from lmfusion.model.sequence import SequenceBuilder
 from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
 
