@@ -141,7 +141,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     if batches is None:
         batches = [source.batch(plan.positions(step, j))[0] for j in chunks]
     batches = [b.to(info.device) for b in batches]
-    local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens,
+    local = torch.tensor([[b.text_targets()[1].numel(), b.num_loss_images, b.num_tokens,
                            step_flops(model, b)["total"]] for b in batches], dtype=torch.float64).sum(0)
     positions = sum(b.input_ids.numel() for b in batches)
     n_text, n_images, n_tokens, flops = all_reduce_sum(local, info).tolist()
