@@ -214,6 +214,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     try:
         data, model, codec = _load_data_and_model(config, info, log)
         log.data_stats(data)
+        if config.init_from:  # before wrapping (FSDP shards the parameters); --resume then overrides
+            ckpt.load_init_weights(model, config.init_from, say=log.say)
         source = build_batch_source(data, model, config)
         unet_forward_flops(model)  # calibrated (and cached) before compile and FSDP change the modules
         if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
@@ -232,6 +234,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         probes = None
         if config.probe_every and sharded:  # probes run on rank 0 alone; a sharded forward needs every rank
             log.say("probes: skipped under parallel: fsdp")
+        elif config.probe_every and getattr(data, "is_edit", False):
+            log.say("probes: skipped for editing data (they read image-caption records)")
         elif config.probe_every and info.is_main:
             probes = probe_records(config.data, config.image_size, codec, config.probe_images)
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
