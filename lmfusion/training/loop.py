@@ -33,6 +33,7 @@ from .metrics import peak_flops, step_flops, unet_forward_flops
 from .parallelize import compile_layers
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
                           init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
+from .samples import write_samples
 from .step_batches import step_loader
 
 
@@ -442,44 +443,3 @@ class RunLog:
             if handle is not None:
                 handle.close()
         self.writer = self.log_file = self.metrics_file = None
-
-
-def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLog) -> None:
-    """A grid of generated images for the sample prompts, and captions of a few training images.
-
-    Optional by design: the samplers live in lmfusion.sampling; if that is missing the run goes on.
-    """
-    try:
-        from ..sampling import LMFusionPipeline
-    except (ImportError, AttributeError) as error:
-        log.say(f"step {step}: samples skipped (lmfusion.sampling unavailable: {error})")
-        return
-    from ..data import make_grid, save_image_grid
-
-    was_training = model.training
-    model.eval()
-    try:
-        pipe = LMFusionPipeline(model, codec)  # the trainer's codec: the one the data was encoded with
-        images = pipe.generate_image(list(config.sample_prompts), steps=config.sample_steps,
-                                     guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
-                                     progress=False)
-        shown = range(min(4, len(data)))
-        pixels = codec.decode(data.latents(shown).to(model.device)).float().cpu()
-        captions = pipe.caption(pixels)
-    except Exception as error:  # a sampler bug must not kill a long run; the checkpoint is safe
-        log.say(f"step {step}: sample writing failed, training goes on: {type(error).__name__}: {error}")
-        return
-    finally:
-        model.train(was_training)
-    if not log.enabled:  # a non-writing rank of a sharded run only took part in the forward passes
-        return
-    folder = log.run_dir / "samples"
-    grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
-    lines = [f"step {step}: generated ({config.sample_steps} steps, guidance scale {config.sample_guidance_scale}), left to right:"]
-    lines += [f"  {p}" for p in config.sample_prompts]
-    lines += ["captions of training images (model | reference):"]
-    lines += [f"  {c!r} | {data.caption(i)!r}" for i, c in enumerate(captions)]
-    (folder / f"{ckpt.step_name(step)}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log.writer.add_image("samples", make_grid(images, nrow=len(images)), step)
-    log.writer.add_text("samples/captions", "\n\n".join(lines), step)
-    log.say(f"step {step}: samples written to {grid}")
