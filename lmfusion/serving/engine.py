@@ -89,6 +89,12 @@ class Engine:
             start += work.n
         return out
 
+    def edit(self, image: torch.Tensor, prompt: str, n: int, seed: int, steps: int, guidance_scale: float,
+             image_guidance_scale: float, scheduler: str | None) -> list:
+        """n edits (PIL images) of one source image [3, S, S]; image k uses seed + k."""
+        return self.pipe.edit(image, prompt, guidance_scale, image_guidance_scale, steps,
+                              [seed + k for k in range(n)], scheduler, n, progress=False)
+
     def text(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
              cancelled: threading.Event, on_piece: Callable[[str], None] | None = None) -> TextResult:
         """The base model's continuation (as `generate_text`), optionally piece by piece.
