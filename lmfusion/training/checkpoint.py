@@ -170,6 +170,15 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict
 INIT_MATCHING = ("base_model_hash", "mode", "codec", "image_size", "objective", "num_train_timesteps", "tokens_per_image")
 
 
+def init_folder(path: str | Path) -> Path:
+    """The model folder `init_from` names; missing is a one-line error that says how to make it."""
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"init_from: {error} (train that run first, e.g. `lmfusion train --preset "
+                                "quickstart`, or pass --init-from '' to start from fresh image modules)") from None
+
+
 def load_init_weights(model, path: str | Path, say=print) -> Path:
     """`init_from`: load the adapter weights of a saved model (a run, checkpoint or model folder)
     before step 0, e.g. an editing run that starts from a quickstart run. Optimizer, schedule and
@@ -177,7 +186,7 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
     from ..config import LMFusionConfig
     from ..model.lmfusion import CONFIG_FILE, WEIGHTS_FILE
 
-    folder = resolve_checkpoint(path)
+    folder = init_folder(path)
     verify_manifest(folder)
     saved = LMFusionConfig.load(folder / CONFIG_FILE)
     differ = [k for k in INIT_MATCHING if getattr(saved, k) != getattr(model.config, k)]

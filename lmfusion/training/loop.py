@@ -203,6 +203,8 @@ def check_parallel(config: TrainConfig, info: DistInfo) -> None:
 def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     started = time.time()
     check_parallel(config, info)
+    if config.init_from:  # before any data is generated or encoded: a missing start fails in a second
+        ckpt.init_folder(config.init_from)
     if config.threads:
         torch.set_num_threads(config.threads)
     micro, accum = config.split_batch(info.world_size)
