@@ -81,3 +81,25 @@ def test_image_guidance_changes_the_edit_and_bad_arguments_are_refused(model, pi
         edit_image(model, image, "make it blue", image_guidance_scale=-1, codec=pixel_codec)
     with pytest.raises(ValueError, match="2 instructions given for 1 source"):
         edit_latents(model, _sources(0, 1), ["a", "b"])
+
+
+def test_lmfusion_edit_writes_the_pipelines_edit_and_refuses_bad_input_in_one_line(checkpoint, model, pixel_codec,
+                                                                                  tmp_path, capsys):
+    from PIL import Image
+
+    from lmfusion.cli import main
+    from lmfusion.data.images import load_rgb_image
+
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    Image.new("RGB", (16, 16), (215, 25, 25)).save(source)
+    argv = ["edit", "--checkpoint", str(checkpoint), "--image", str(source), "--prompt", "make it blue",
+            "--steps", "2", "--seed", "3", "--image-guidance-scale", "1.5", "--guidance-scale", "2", "--device", "cpu"]
+    assert main(argv + ["--out", str(out)]) == 0 and capsys.readouterr().out.strip() == str(out)
+    want = edit_image(model, load_rgb_image(source, 16), "make it blue", guidance_scale=2.0, image_guidance_scale=1.5,
+                      steps=2, seed=3, codec=pixel_codec, output="tensor", progress=False)[0]
+    assert (load_rgb_image(out, 16) - want).abs().max() <= 1 / 255 + 1e-6
+    for extra, fragment in ((["--prompt", " "], "prompt is empty"), (["--image", str(tmp_path / "none.png")], "none.png"),
+                            (["--image-guidance-scale", "-1"], "image_guidance_scale must be >= 0")):
+        code = main(argv + ["--out", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and fragment in err, err
