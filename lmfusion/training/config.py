@@ -340,9 +340,9 @@ PRESETS["paper"] = dict(
 
 # Editing (issue 16, LMFusion §5.2 / Transfusion §4.5): the quickstart's model and recipe, fine-tuned
 # from a quickstart run on 8,000 shapes editing triples ([BOI source EOI] instruction [BOI target EOI],
-# InstructPix2Pix's 5% dropout of instruction, source and both). Sized for 2 CPU cores: an edit
-# example is about twice a quickstart one (two images), so 600 steps of 16 should take about
-# 2.5x the quickstart's 13 minutes; not yet timed. `--init-from ''` trains from scratch instead.
+# InstructPix2Pix's 5% dropout of instruction, source and both). An edit example holds two images,
+# a quickstart one holds one; the step count is meant for 2 CPU cores but is not yet timed
+# (benchmarks/results/edit.md records what was run). `--init-from ''` trains from fresh image modules.
 PRESETS["edit"] = dict(
     PRESETS["quickstart"],
     name="edit",
