@@ -30,7 +30,8 @@ import torch
 from ..data.edits import find_edits_file, read_edit_records
 from ..data.images import save_image_grid
 from ..data.shapes import cell_of
-from ..data.shapes_oracle import match_objects, parse_shapes_image
+from ..data.shapes_edits import EDIT_TYPES
+from ..data.shapes_oracle import WHITE_BACKGROUND_MIN, match_objects, parse_shapes_image, white_fraction
 from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from ..utils import atomic_write_bytes
 from .generation import generate_images
@@ -68,10 +69,17 @@ def _attributes(obj) -> dict[str, Any]:
 
 
 def score_edit(image, row: dict) -> dict[str, float]:
-    """success / preservation / joint of one edited image against its row's target records."""
+    """success / preservation / joint of one edited image against its row's target records.
+
+    Both need a shapes picture: a white background, and objects read from the largest blobs only
+    (as many as the target has). Otherwise a noisy image, full of small blobs of every colour,
+    would "succeed" at any recolour by offering one blob of the asked colour.
+    """
     detected = parse_shapes_image(image)
     target, kind, edited = row["target_objects"], row["edit_type"], row["edited"]
-    matched = match_objects(target, detected)
+    if white_fraction(image) < WHITE_BACKGROUND_MIN:
+        return {"success": 0.0, "preservation": 0.0, "joint": 0.0}
+    matched = match_objects(target, detected[: len(target)])
     got = [None if m is None else _attributes(m) for m in matched]
     want = [_attributes(o) for o in target]
     same = lambda i, keys: got[i] is not None and all(got[i][k] == want[i][k] for k in keys)  # noqa: E731
@@ -100,8 +108,9 @@ def summarise(scores: list[dict], rows: list[dict]) -> dict[str, dict]:
         for flag in ("unseen_phrasing", "unseen_result"):
             if row.get(flag):
                 groups[flag].append(score)
-    return {name: {**{k: sum(s[k] for s in group) / len(group) for k in group[0]}, "n": len(group)}
-            for name, group in groups.items()}
+    order = ["overall", *EDIT_TYPES, "unseen_phrasing", "unseen_result"]  # a fixed column order for reports
+    return {name: {**{k: sum(s[k] for s in groups[name]) / len(groups[name]) for k in groups[name][0]},
+                   "n": len(groups[name])} for name in order if groups.get(name)}
 
 
 def score_images(images: torch.Tensor, targets: torch.Tensor, rows: list[dict]) -> dict[str, dict]:

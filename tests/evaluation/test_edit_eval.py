@@ -64,3 +64,12 @@ def test_eval_task_edit_writes_a_report_with_both_baselines(tiny_checkpoint, tmp
     assert "report.json" in capsys.readouterr().out
     assert main(["eval", "--task", "edit", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path)]) == 2
     assert "no edits.jsonl" in capsys.readouterr().err
+
+
+def test_noise_scores_nothing_even_where_some_blob_has_the_asked_colour(edits64):
+    import torch
+
+    _, _, _, rows = load_edit_test(edits64, 64, 30)
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for row in rows:
+        assert score_edit(noise, row) == {"success": 0.0, "preservation": 0.0, "joint": 0.0}
