@@ -133,7 +133,7 @@ class Routes:
 
     async def edits(self, request: Request):
         """OpenAI's image edit: one uploaded image and an instruction, n edits back (see edits.py).
-        Edits run as single worker calls: they do not batch with generations, whose prefix differs."""
+        Waiting edits with the same settings share a sampler call, as generations do."""
         body, source = await read_edit_request(request, self.engine.image_size)
         self._check_image_options(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
@@ -141,10 +141,9 @@ class Routes:
         guidance = body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale
         image_guidance = (body.image_guidance_scale if body.image_guidance_scale is not None
                           else self.settings.image_guidance_scale)
-        scheduler = self._scheduler(body.scheduler)
-        job = self._submit(lambda: self.worker.submit_call(lambda cancelled: self.engine.edit(
-            source, body.prompt, body.n, seed, steps, guidance, image_guidance, scheduler)))
-        images = await self._wait(job, request)
+        work = ImageWork(body.prompt, body.n, seed, steps, guidance, self._scheduler(body.scheduler), source,
+                         image_guidance)
+        images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
         return await self._image_response(images, seed, body.output_format)
 
     def _check_image_options(self, body) -> None:

@@ -79,21 +79,20 @@ class Engine:
         first = works[0]
         prompts = [work.prompt for work in works for _ in range(work.n)]
         seeds = [work.seed + k for work in works for k in range(work.n)]
-        images = self.pipe.generate_image(
-            prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
-            scheduler=first.scheduler, n=1, progress=False,
-        )
+        if first.source is not None:  # edits (batch_key keeps them apart from generations)
+            sources = [work.source for work in works for _ in range(work.n)]
+            images = self.pipe.edit(sources, prompts, first.guidance_scale, first.image_guidance_scale, first.steps,
+                                    seeds, first.scheduler, n=1, progress=False)
+        else:
+            images = self.pipe.generate_image(
+                prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
+                scheduler=first.scheduler, n=1, progress=False,
+            )
         out, start = [], 0
         for work in works:
             out.append(images[start : start + work.n])
             start += work.n
         return out
-
-    def edit(self, image: torch.Tensor, prompt: str, n: int, seed: int, steps: int, guidance_scale: float,
-             image_guidance_scale: float, scheduler: str | None) -> list:
-        """n edits (PIL images) of one source image [3, S, S]; image k uses seed + k."""
-        return self.pipe.edit(image, prompt, guidance_scale, image_guidance_scale, steps,
-                              [seed + k for k in range(n)], scheduler, n, progress=False)
 
     def text(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int | None,
              cancelled: threading.Event, on_piece: Callable[[str], None] | None = None) -> TextResult:

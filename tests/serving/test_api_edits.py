@@ -109,3 +109,30 @@ def test_a_json_body_and_a_mask_are_refused_in_one_line(server, source):
     with pytest.raises(openai_module.BadRequestError, match="mask is not supported"):
         client.images.edit(image=("in.png", _png_bytes(source), "image/png"), prompt="make it blue",
                            mask=("mask.png", _png_bytes(source), "image/png"))
+
+
+def test_waiting_edits_share_a_sampler_call_but_not_with_generations(start_server, model):
+    """Each edit of a batch equals the pipeline's edit of its own source and seed."""
+    import threading
+
+    from lmfusion.data.images import load_rgb_image
+    from lmfusion.serving.worker import ImageWork
+
+    paused = start_server()
+    release = threading.Event()
+    paused.worker.submit_call(lambda cancelled: release.wait(120))
+    sources = [torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    edits = [ImageWork("make it blue", 1, 10, STEPS, 2.0, None, sources[0], 1.5),
+             ImageWork("remove the circle", 2, 20, STEPS, 2.0, None, sources[1], 1.5)]
+    jobs = [paused.worker.submit_images(work) for work in edits]
+    jobs.append(paused.worker.submit_images(ImageWork("a red circle", 1, 1, STEPS, 2.0, None)))
+    release.set()
+    results = [job.future.result(120) for job in jobs]
+    assert [len(images) for images in results] == [1, 2, 1]
+    assert paused.worker.stats.batches == 2 and paused.worker.stats.largest_batch == 2
+    pipe = LMFusionPipeline(model)
+    for work, images in zip(edits, results):
+        want = pipe.edit(work.source, work.prompt, 2.0, 1.5, STEPS, [work.seed + k for k in range(work.n)], n=work.n,
+                         output="tensor", progress=False)
+        for got, expected in zip(images, want):
+            assert (load_rgb_image(got, 16) - expected).abs().max() <= 1 / 255 + 1e-6
