@@ -115,3 +115,15 @@ def test_webdataset_edits(edits, tmp_path):
     assert [r.instruction for r in records] == [rows[0]["instruction"], rows[1]["instruction"]]
     dataset = EditWebDataset(str(shard), 16)
     assert len(list(dataset)) == 2 and dataset.stats.skipped["missing_image"] == 1
+
+
+def test_the_cli_writes_a_set_and_refuses_a_bad_count_in_one_line(tmp_path, capsys):
+    from lmfusion.cli import main
+
+    assert main(["data", "shapes-edits", "--out", str(tmp_path / "set"), "--count", "12", "--seed", "2",
+                 "--size", "32", "--test-fraction", "0.25"]) == 0
+    assert "wrote 12 shapes edits" in capsys.readouterr().out
+    assert len(_rows(tmp_path / "set" / "train")) == 9 and len(_rows(tmp_path / "set" / "test")) == 3
+    assert Image.open(tmp_path / "set" / "test" / "images" / "000011_source.png").size == (32, 32)
+    assert main(["data", "shapes-edits", "--out", str(tmp_path / "other"), "--count", "0"]) == 2
+    assert "count must be at least 1" in capsys.readouterr().err

@@ -100,3 +100,26 @@ def test_init_from_loads_adapter_weights_and_refuses_another_model(make_config, 
     other, _ = build_model(make_config(model={"objective": "eps"}))
     with pytest.raises(ValueError, match="differs from this run's in \\['objective'\\]"):
         load_init_weights(other, tmp_path / "start", say=lambda _: None)
+
+
+def test_webdataset_edits_train_when_the_task_says_edit(make_config, edit_data, tmp_path):
+    """Tar shards look like caption shards from outside: `task: edit` says what they hold."""
+    import io
+    import json
+    import tarfile
+
+    rows = [json.loads(line) for line in (edit_data / "train" / "edits.jsonl").read_text().splitlines()][:4]
+    shard = tmp_path / "edits-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for k, row in enumerate(rows):
+            members = {"source.png": (edit_data / "train" / row["source"]).read_bytes(),
+                       "target.png": (edit_data / "train" / row["target"]).read_bytes(),
+                       "instruction.txt": row["instruction"].encode()}
+            for name, blob in members.items():
+                info = tarfile.TarInfo(f"{k:04d}.{name}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    config = make_config(data=str(shard), task="edit", max_steps=1, batch_size=4, probe_every=0)
+    assert train(config)["final"]["images"] == 4
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_config(data=str(shard), task="edits")
