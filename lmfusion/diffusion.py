@@ -35,6 +35,9 @@ SAMPLER_NAMES = ("euler", "ddim", "ddpm")
 # default of every sampler entry point (Python API, pipeline, `lmfusion generate | chat | serve`).
 # Evaluation (1.0, the paper's FID without guidance) and the training sample grids choose their own.
 DEFAULT_GUIDANCE_SCALE = 1.6
+# Editing's second scale, on the source image (InstructPix2Pix's default, 1.5; 1 = none): above 1 it
+# pulls the edit toward the source, i.e. it preserves what the instruction does not change.
+DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
 
 
 def check_objective(objective: str, timestep_sampling: str | None = None) -> None:

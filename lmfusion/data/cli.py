@@ -1,4 +1,5 @@
 """`lmfusion data shapes`: the built-in dataset, generated locally so no download is needed.
+`lmfusion data shapes-edits`: (source, instruction, target) editing triples from the same renderer.
 `lmfusion data encode`: any caption source -> latent shards that training streams from."""
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="share of scenes with two objects, the rest have one (default 0.5)")
     shapes.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     shapes.set_defaults(func=_shapes)
+
+    edits = kinds.add_parser("shapes-edits", help="generate shapes editing triples (edits.jsonl + images, train/ and test/)")
+    edits.add_argument("--out", required=True, help="output folder (gets train/ and test/, each an edits.jsonl and images/)")
+    edits.add_argument("--count", type=int, default=8000, help="number of triples, all edit types in turn (default 8000)")
+    edits.add_argument("--seed", type=int, default=0, help="scene seed; a seed a run never trained on gives held-out data")
+    edits.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    edits.add_argument("--test-fraction", type=float, default=0.1,
+                       help="share written to test/, with held-out phrasings and edit results (default 0.1)")
+    edits.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    edits.set_defaults(func=_shapes_edits)
 
     encode = kinds.add_parser("encode", help="encode a caption dataset into latent shards (resumable)")
     encode.add_argument("--data", required=True, help="source: image folder, WebDataset shards or HF dataset on disk")
@@ -47,6 +58,15 @@ def _shapes(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction, overwrite=args.overwrite, two_object_prob=args.two_object_prob,
     )
     print(f"wrote {args.n} shapes images to {out}")
+    return 0
+
+
+def _shapes_edits(args: argparse.Namespace) -> int:
+    from .shapes_edits import generate_shapes_edits
+
+    out = generate_shapes_edits(args.out, args.count, size=args.size, seed=args.seed,
+                                test_fraction=args.test_fraction, overwrite=args.overwrite)
+    print(f"wrote {args.count} shapes edits to {out}")
     return 0
 
 

@@ -208,6 +208,9 @@ def _match(expected: Sequence[dict[str, Any]],
     return list(best)
 
 
+match_objects = _match  # public name: editing evaluation pairs target records with detected objects too
+
+
 def score_caption_faithfulness(image: torch.Tensor | Image.Image | np.ndarray,
                                objects_expected: Sequence[dict[str, Any]],
                                relation: str | None = None) -> dict[str, Any]:

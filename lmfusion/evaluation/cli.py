@@ -1,4 +1,5 @@
-"""`lmfusion eval`: text preservation, captioning and generation metrics for one checkpoint.
+"""`lmfusion eval`: text preservation, captioning and generation metrics for one checkpoint;
+`lmfusion eval --task edit`: editing success, preservation and L1 on held-out shapes edits.
 
 Arguments are checked before anything loads, so a typo fails in a second. User errors are
 ValueError / FileNotFoundError, which the dispatcher prints as one line.
@@ -6,9 +7,11 @@ ValueError / FileNotFoundError, which the dispatcher prints as one line.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from ..sampling.cli import add_guidance_scale_argument
+from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
+from .edit import EditEvalSettings
 from .evaluate import EvalSettings
 
 
@@ -20,12 +23,25 @@ def register(subparsers) -> None:
         "writes report.json, report.md and sample grids.",
     )
     p.add_argument("--checkpoint", required=True, help="model folder, checkpoint folder or training run folder")
-    p.add_argument("--data", required=True, help="caption dataset (DATA/train + DATA/test, e.g. `lmfusion data shapes`)")
+    p.add_argument("--task", choices=("caption", "edit"), default="caption",
+                   help="caption: text, captioning and generation metrics (default); edit: editing metrics on "
+                        "DATA/test of `lmfusion data shapes-edits`, with the copy and caption-only baselines")
+    p.add_argument("--data", required=True, help="caption dataset (DATA/train + DATA/test, e.g. `lmfusion data shapes`), "
+                   "or with --task edit a shapes-edits folder")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/STEP, or MODEL-eval)")
-    p.add_argument("--n", type=int, default=64, help="test images to caption and captions to generate from (default 64)")
+    p.add_argument("--n", type=int, default=None,
+                   help="test images to caption and captions to generate from (default 64); with --task edit, test "
+                        f"triples (default {EditEvalSettings.n})")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per generated image (default 20; the model's own sampler)")
-    add_guidance_scale_argument(p, EvalSettings.guidance_scale,
-                                "classifier-free guidance scale; 1 = none, the paper's FID protocol")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale; 1 = none (default {EvalSettings.guidance_scale:g}, the paper's "
+                        f"FID protocol; {EditEvalSettings.guidance_scale:g} on the instruction with --task edit)")
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--image-guidance-scale", type=float, nargs="+", default=[DEFAULT_IMAGE_GUIDANCE_SCALE],
+                   help="--task edit: guidance toward the source image, one run per value given (e.g. 1 1.5 to measure "
+                        f"what it adds); 1 = none (default {DEFAULT_IMAGE_GUIDANCE_SCALE})")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="--task edit: skip the copy-the-source and target-caption-alone baselines")
     p.add_argument("--seed", type=int, default=0, help="seed of generated image i is seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (default 16)")
     p.add_argument("--base-model", default=None, help="load the base LM from here instead of the checkpoint's base_model")
@@ -40,9 +56,12 @@ def run_eval(args) -> int:
 
     from .evaluate import evaluate_checkpoint
 
+    if args.task == "edit":
+        return _run_edit_eval(args)
     settings = EvalSettings(
-        n=args.n, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-        base_model=args.base_model, feature_cache=args.feature_cache,
+        n=64 if args.n is None else args.n, steps=args.steps,
+        guidance_scale=EvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed, batch_size=args.batch_size, base_model=args.base_model, feature_cache=args.feature_cache,
     )
     for name in ("checkpoint", "data"):
         if not Path(getattr(args, name)).exists():
@@ -52,5 +71,28 @@ def run_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, settings, device=args.device)
+    print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
+    return 0
+
+
+def _run_edit_eval(args) -> int:
+    import torch
+
+    from .edit import evaluate_edits
+
+    settings = EditEvalSettings(
+        n=EditEvalSettings.n if args.n is None else args.n, steps=args.steps,
+        guidance_scale=EditEvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        image_guidance_scales=list(args.image_guidance_scale), seed=args.seed, batch_size=args.batch_size,
+        baselines=not args.no_baselines, base_model=args.base_model,
+    )
+    for name in ("checkpoint", "data"):
+        if not Path(getattr(args, name)).exists():
+            raise FileNotFoundError(f"--{name} not found: {getattr(args, name)}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = evaluate_edits(args.checkpoint, args.data, args.out, settings, device=args.device)
     print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
     return 0

@@ -419,11 +419,17 @@ class LMFusionModel(nn.Module):
         wants, labels = batch.text_targets()
         noisy = timesteps = target = None
         n_images = 0 if batch.latents is None else batch.latents.shape[0]
+        scored = batch.loss_images.to(batch.latents.device) if n_images else None
+        n_scored = int(scored.sum()) if n_images else 0
         if n_images:
+            # Only loss-bearing images draw a t (the same draws as before clean images existed when
+            # there are none); clean context images (editing sources) stay at t = 0, un-noised.
             latents = batch.latents
-            timesteps = self.objective.sample_timesteps(n_images, batch.max_timesteps.cpu(), generator).to(latents.device)
+            drawn = self.objective.sample_timesteps(n_scored, batch.max_timesteps[batch.loss_images].cpu(), generator)
+            timesteps = torch.zeros(n_images, dtype=drawn.dtype).masked_scatter(batch.loss_images.cpu(), drawn)
+            timesteps = timesteps.to(latents.device)
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-            noisy = self.objective.add_noise(latents, noise, timesteps)
+            noisy = torch.where(scored.view(-1, 1, 1, 1), self.objective.add_noise(latents, noise, timesteps), latents)
             target = self.objective.target(latents, noise, timesteps)
         out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask,
                       position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids)
@@ -433,8 +439,10 @@ class LMFusionModel(nn.Module):
             if labels.numel()
             else zero
         )
-        image = per_image_mse(out.noise_pred, target).sum() if n_images else zero
-        return LossSums(text, image, int(labels.numel()), n_images)
+        image = per_image_mse(out.noise_pred[scored], target[scored]).sum() if n_scored else zero
+        if n_images and not n_scored:  # clean images only: keep their modules in the graph at zero
+            image = image + out.noise_pred.sum() * 0.0
+        return LossSums(text, image, int(labels.numel()), n_scored)
 
     def loss(self, batch: MultimodalBatch, generator: torch.Generator | None = None) -> LossOutput:
         """Next-token cross-entropy on text + lambda x per-image noise MSE (Transfusion Eq. 4)."""

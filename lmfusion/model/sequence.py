@@ -11,6 +11,9 @@ import torch
 # num_train_timesteps the cap keeps that fraction: half of the schedule.
 IMAGE_FIRST_MAX_TIMESTEP = 500
 IMAGE_FIRST_FRACTION = 0.5
+# A noise cap of 0 marks a clean context image: it enters at t = 0, exactly as the samplers append
+# a finished image (Context.append_image), and carries no diffusion loss (an editing source).
+CLEAN_IMAGE = 0
 
 
 @dataclass
@@ -49,6 +52,15 @@ class MultimodalBatch:
         return MultimodalBatch(move(self.input_ids), move(self.image_mask), move(self.attention_mask),
                                move(self.latents), move(self.max_timesteps), move(self.document_ids),
                                move(self.position_ids))
+
+    @property
+    def loss_images(self) -> torch.Tensor:
+        """[N] bool: the images that are noised and carry the diffusion loss (not clean context)."""
+        return self.max_timesteps != CLEAN_IMAGE
+
+    @property
+    def num_loss_images(self) -> int:
+        return int(self.loss_images.sum())
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +120,22 @@ class SequenceBuilder:
             max_timestep = int(self.num_train_timesteps * IMAGE_FIRST_FRACTION)
         example = Example().add_image(self.boi_id, self.eoi_id, self.tokens_per_image, max_timestep)
         return example.add_text(self.encode(caption) + [self.eos_id])
+
+    def edit(self, instruction: str, drop_source: bool = False, drop_instruction: bool = False) -> Example:
+        """`[BOI source EOI] instruction [BOI target EOI] EOS` (InstructPix2Pix's order, Transfusion §4.5).
+
+        The source is clean (t = 0, no loss), as the sampler appends it at inference; the target
+        is noised over the whole schedule and carries the loss. Text loss follows the usual rule
+        (text_targets). Dropping the source, the instruction or both gives the branches that
+        two-way guidance subtracts; with both dropped this is text_then_image("").
+        The example's images, in order: the source (unless dropped), then the target.
+        """
+        example = Example()
+        if not drop_source:
+            example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, CLEAN_IMAGE)
+        example.add_text([] if drop_instruction else self.encode(instruction))
+        example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, self.num_train_timesteps)
+        return example.add_text([self.eos_id])
 
     def text_only(self, text: str) -> Example:
         return Example().add_text(self.encode(text) + [self.eos_id])

@@ -18,6 +18,8 @@ _EXPORTS = {
     "generate_text": "text",
     "generate_text_ids": "text",
     "caption": "text",
+    "edit_image": "edit",
+    "edit_latents": "edit",
     "Context": "context",
     "generate_interleaved": "interleaved",
     "InterleavedSession": "interleaved",

@@ -1,4 +1,4 @@
-"""`lmfusion generate | caption | chat`.
+"""`lmfusion generate | edit | caption | chat`.
 
 Arguments are checked before the model loads, so a bad guidance scale or a missing image fails
 in a second, not after a checkpoint load. Every user error is a ValueError / FileNotFoundError,
@@ -15,11 +15,12 @@ from pathlib import Path
 
 from ..utils import atomic_write_bytes
 
-from ..diffusion import DEFAULT_GUIDANCE_SCALE, SAMPLER_NAMES as SCHEDULERS
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, SAMPLER_NAMES as SCHEDULERS
 
 
 def register(subparsers) -> None:
     _add_generate(subparsers)
+    _add_edit(subparsers)
     _add_caption(subparsers)
     _add_chat(subparsers)
 
@@ -62,6 +63,21 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--unconditional", action="store_true", help="allow an empty prompt (unconditional sample)")
     _add_diffusion_args(p)
     p.set_defaults(func=run_generate)
+
+
+def _add_edit(subparsers) -> None:
+    p = subparsers.add_parser("edit", help="edit an image by an instruction",
+                              description="Edit an image as an instruction says (InstructPix2Pix-style guidance).")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="the image to edit")
+    p.add_argument("--prompt", required=True, help="the edit instruction, e.g. 'make it blue'")
+    p.add_argument("--out", required=True, help="image file (.png, .jpg, ...)")
+    p.add_argument("--n", type=int, default=1, help="edits; n > 1 writes one grid to --out")
+    p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,
+                   help=f"guidance toward the source image; above 1 preserves more of it, 1 = none "
+                        f"(default {DEFAULT_IMAGE_GUIDANCE_SCALE})")
+    _add_diffusion_args(p)
+    p.set_defaults(func=run_edit)
 
 
 def _add_caption(subparsers) -> None:
@@ -122,6 +138,26 @@ def run_generate(args) -> int:
         _save(grid, out, image_format)
     for path in paths:
         print(path)
+    return 0
+
+
+def run_edit(args) -> int:
+    from ..data.images import verify_image
+    from .edit import check_edit_args
+
+    check_edit_args(args.steps, args.guidance_scale, args.image_guidance_scale, args.n, args.scheduler)
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty: say what to change, e.g. 'make it blue'")
+    verify_image(args.image)  # raises BadImageError (a ValueError) naming the file
+    out = Path(args.out)
+    image_format = _image_format(out)
+    pipe = _load(args)
+    images = pipe.edit(args.image, args.prompt, args.guidance_scale, args.image_guidance_scale, args.steps,
+                       args.seed, args.scheduler, args.n, output="tensor")
+    from ..data.images import make_grid
+
+    _save(images[0] if args.n == 1 else make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out, image_format)
+    print(out)
     return 0
 
 

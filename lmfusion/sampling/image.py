@@ -119,12 +119,17 @@ def denoise(
     guidance_scale: float,
     scheduler: str | None = None,
     progress: bool = True,
+    image_guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """Run the reverse diffusion for N images; returns clean latents [N, C, h, w] (fp32).
 
     `branches` are contexts whose rows, concatenated, are N conditional rows followed (when
     guidance is on, i.e. guidance_scale != 1) by N unconditional rows. Each branch costs one
     forward per step, so one branch holding everything is the batched case.
+
+    With `image_guidance_scale` (editing, InstructPix2Pix) the rows are 3N: N with the source and
+    the instruction, N with the source alone, N with neither, and the prediction is
+    e(none) + s_I (e(source) - e(none)) + s_T (e(source, text) - e(source)).
     """
     config = model.config
     n = len(generators)
@@ -134,14 +139,19 @@ def denoise(
     shape = (1, config.latent_channels, config.latent_size, config.latent_size)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * getattr(sampler, "init_noise_sigma", 1.0)
     total = sum(b.rows for b in branches)
-    if total not in (n, 2 * n):
+    copies = total // n if n and total % n == 0 else 0
+    if image_guidance_scale is not None and copies != 3:
+        raise ValueError(f"branches hold {total} rows; three-branch guidance of {n} images needs {3 * n}")
+    if image_guidance_scale is None and copies not in (1, 2):
         raise ValueError(f"branches hold {total} rows; {n} images need {n} (no guidance) or {2 * n}")
-    guided = total == 2 * n
     for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress, leave=False):
         x = sampler.scale_model_input(latents, t) if hasattr(sampler, "scale_model_input") else latents
-        rows = torch.cat([x, x]) if guided else x
+        rows = torch.cat([x] * copies)
         prediction = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])
-        if guided:
+        if copies == 3:
+            full, source, none = prediction.chunk(3)
+            prediction = none + image_guidance_scale * (source - none) + guidance_scale * (full - source)
+        elif copies == 2:
             cond, uncond = prediction.chunk(2)
             prediction = uncond + guidance_scale * (cond - uncond)
         prediction = model.objective.clip_prediction(latents, prediction, t, clip)

@@ -4,6 +4,7 @@
     pipe.generate_image("a red circle", steps=50, guidance_scale=3.0, seed=0)   # [PIL.Image]
     pipe.caption("photo.png")                                                   # str
     pipe.answer("photo.png", "What colour is it?")          # str (a VLM base answers, e.g. LLaVAFusion)
+    pipe.edit("photo.png", "make it blue", guidance_scale=3.0, image_guidance_scale=1.5)   # [PIL.Image]
     pipe.generate_interleaved("Draw a red circle, then describe it.")           # [str | PIL.Image]
     pipe.generate_text("The capital of France is")                              # str
 
@@ -22,7 +23,8 @@ import torch
 
 from ..codecs import load_codec
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_GUIDANCE_SCALE
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
+from .edit import edit_image, edit_latents
 from .image import generate_image, sample_latents
 from .interleaved import InterleavedSession, generate_interleaved
 from .text import caption, generate_text
@@ -75,6 +77,18 @@ class LMFusionPipeline:
     def sample_latents(self, prompts, **options) -> torch.Tensor:
         """The latents `generate_image` would decode (see `lmfusion.sampling.image.sample_latents`)."""
         return sample_latents(self.model, prompts, **options)
+
+    def edit(self, image, instruction, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+             image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, steps: int = 50,
+             seed: int | Sequence[int] | None = None, scheduler: str | None = None, n: int = 1, **options):
+        """Edit image(s) by an instruction, with InstructPix2Pix's three-branch guidance
+        (see lmfusion.sampling.edit); a list of PIL images, n per input image."""
+        return edit_image(self.model, image, instruction, guidance_scale, image_guidance_scale, steps, seed, scheduler,
+                          n, codec=self.codec, **options)
+
+    def edit_latents(self, sources: torch.Tensor, instructions, **options) -> torch.Tensor:
+        """Edited latents of clean source latents (see `lmfusion.sampling.edit.edit_latents`)."""
+        return edit_latents(self.model, sources, instructions, **options)
 
     def caption(self, image, **options):
         """A caption per image. With a VLM base the VLM describes it through its own understanding

@@ -23,8 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..diffusion import DEFAULT_GUIDANCE_SCALE
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
 from . import chat
+from .edits import read_edit_request
 from .engine import Engine
 from .errors import APIError, bad_request, error_body, install_handlers
 from .guards import BodyLimit, require_key
@@ -47,6 +48,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE  # edits: guidance toward the source image
     scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
     chat_tokens: int = 256
@@ -74,6 +76,7 @@ def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
     app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=auth)
     app.add_api_route("/v1/models/{model_id}", routes.model, methods=["GET"], dependencies=auth)
     app.add_api_route("/v1/images/generations", routes.images, methods=["POST"], dependencies=auth)
+    app.add_api_route("/v1/images/edits", routes.edits, methods=["POST"], dependencies=auth)
     app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"], dependencies=auth)
     app.add_api_route("/", routes.page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -117,6 +120,34 @@ class Routes:
 
     # ------------------------------------------------------------------ images
     async def images(self, body: ImageRequest, request: Request):
+        self._check_image_options(body)
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+        work = ImageWork(
+            body.prompt, body.n, seed,
+            body.steps or self.settings.steps,
+            body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale,
+            self._scheduler(body.scheduler),
+        )
+        images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
+        return await self._image_response(images, seed, body.output_format)
+
+    async def edits(self, request: Request):
+        """OpenAI's image edit: one uploaded image and an instruction, n edits back (see edits.py).
+        Waiting edits with the same settings share a sampler call, as generations do."""
+        body, source = await read_edit_request(request, self.engine.image_size)
+        self._check_image_options(body)
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+        steps = body.steps or self.settings.steps
+        guidance = body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale
+        image_guidance = (body.image_guidance_scale if body.image_guidance_scale is not None
+                          else self.settings.image_guidance_scale)
+        work = ImageWork(body.prompt, body.n, seed, steps, guidance, self._scheduler(body.scheduler), source,
+                         image_guidance)
+        images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
+        return await self._image_response(images, seed, body.output_format)
+
+    def _check_image_options(self, body) -> None:
+        """What generations and edits refuse alike, before any work: 400 naming the field."""
         self._check_model(body.model)
         size = self.engine.image_size
         if body.size not in (None, "auto", f"{size}x{size}"):
@@ -128,15 +159,9 @@ class Routes:
         if not body.prompt.strip():
             raise bad_request("prompt is empty", "prompt")
         self._check(self.engine.check_image_prompt, body.prompt, param="prompt")
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-        work = ImageWork(
-            body.prompt, body.n, seed,
-            body.steps or self.settings.steps,
-            body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale,
-            self._scheduler(body.scheduler),
-        )
-        images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
-        image_format = body.output_format or "png"
+
+    async def _image_response(self, images: list, seed: int, output_format: str | None) -> dict:
+        size, image_format = self.engine.image_size, output_format or "png"
         encoded = await run_in_threadpool(lambda: [chat.encode_image(image, image_format) for image in images])
         return {
             "created": int(time.time()), "output_format": image_format, "size": f"{size}x{size}",

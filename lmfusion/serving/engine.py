@@ -79,10 +79,15 @@ class Engine:
         first = works[0]
         prompts = [work.prompt for work in works for _ in range(work.n)]
         seeds = [work.seed + k for work in works for k in range(work.n)]
-        images = self.pipe.generate_image(
-            prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
-            scheduler=first.scheduler, n=1, progress=False,
-        )
+        if first.source is not None:  # edits (batch_key keeps them apart from generations)
+            sources = [work.source for work in works for _ in range(work.n)]
+            images = self.pipe.edit(sources, prompts, first.guidance_scale, first.image_guidance_scale, first.steps,
+                                    seeds, first.scheduler, n=1, progress=False)
+        else:
+            images = self.pipe.generate_image(
+                prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,
+                scheduler=first.scheduler, n=1, progress=False,
+            )
         out, start = [], 0
         for work in works:
             out.append(images[start : start + work.n])

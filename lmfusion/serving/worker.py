@@ -33,7 +33,8 @@ class ShuttingDown(Exception):
 
 @dataclass(frozen=True)
 class ImageWork:
-    """n images of one prompt; image k is seeded with seed + k."""
+    """n images of one prompt; image k is seeded with seed + k. With `source` (a [3, S, S] image)
+    the prompt is an edit instruction and the n images are edits of it."""
 
     prompt: str
     n: int
@@ -41,11 +42,14 @@ class ImageWork:
     steps: int
     guidance_scale: float
     scheduler: str | None  # None: the model's own
+    source: Any = field(default=None, compare=False)
+    image_guidance_scale: float | None = None  # edits only
 
     @property
     def batch_key(self) -> tuple:
-        """Requests that can share one sampler call."""
-        return self.steps, self.guidance_scale, self.scheduler
+        """Requests that can share one sampler call: edits only with edits (their prefix and
+        guidance branches differ from text-to-image's), and each with the same settings."""
+        return self.steps, self.guidance_scale, self.scheduler, self.source is not None, self.image_guidance_scale
 
 
 @dataclass(eq=False)

@@ -165,6 +165,40 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict
     return state
 
 
+# LMFusionConfig fields two models must share for one's adapter weights to mean the same in the other
+# (shapes are checked by load_adapter_state; these change meaning without changing a shape).
+INIT_MATCHING = ("base_model_hash", "mode", "codec", "image_size", "objective", "num_train_timesteps", "tokens_per_image")
+
+
+def init_folder(path: str | Path) -> Path:
+    """The model folder `init_from` names; missing is a one-line error that says how to make it."""
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"init_from: {error} (train that run first, e.g. `lmfusion train --preset "
+                                "quickstart`, or pass --init-from '' to start from fresh image modules)") from None
+
+
+def load_init_weights(model, path: str | Path, say=print) -> Path:
+    """`init_from`: load the adapter weights of a saved model (a run, checkpoint or model folder)
+    before step 0, e.g. an editing run that starts from a quickstart run. Optimizer, schedule and
+    step start fresh. A folder of another base model, codec or objective is refused in one line."""
+    from ..config import LMFusionConfig
+    from ..model.lmfusion import CONFIG_FILE, WEIGHTS_FILE
+
+    folder = init_folder(path)
+    verify_manifest(folder)
+    saved = LMFusionConfig.load(folder / CONFIG_FILE)
+    differ = [k for k in INIT_MATCHING if getattr(saved, k) != getattr(model.config, k)]
+    if differ:
+        key = differ[0]
+        raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
+                         f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
+    model.load_adapter_state(read_safetensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    say(f"init_from: adapter weights loaded from {folder}")
+    return folder
+
+
 def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=print) -> tuple[Path, dict] | None:
     """Resume from `latest`, or, when it is damaged, from the newest checkpoint that is intact.
 

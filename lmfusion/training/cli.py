@@ -93,5 +93,11 @@ def print_epilogue(config: TrainConfig, summary: dict) -> None:
     if config.sample_every:
         print(f"samples:      {run}/samples/")
     print(f"tensorboard:  tensorboard --logdir {run}/tensorboard")
-    print(f"generate:     lmfusion generate --checkpoint {run} --prompt {shlex.quote(prompt)} --out sample.png")
+    from .edit_data import wants_edit_data
+
+    if wants_edit_data(config):
+        print(f"edit:         lmfusion edit --checkpoint {run} --image in.png --prompt 'make the red circle blue' --out out.png")
+        print(f"evaluate:     lmfusion eval --task edit --checkpoint {run} --data {config.data}")
+    else:
+        print(f"generate:     lmfusion generate --checkpoint {run} --prompt {shlex.quote(prompt)} --out sample.png")
     print(f"continue:     lmfusion train --config {run}/config.yaml --resume --max-steps {2 * summary['steps']}")

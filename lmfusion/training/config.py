@@ -19,6 +19,7 @@ import yaml
 from ..config import ATTENTION, TINY_UNET, LMFusionConfig
 
 PRECISIONS = ("fp32", "bf16")
+TASKS = ("auto", "caption", "edit")  # = lmfusion.training.edit_data.TASKS
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -41,6 +42,10 @@ class TrainConfig:
     data: str = "data/shapes"
     generate_shapes: int = 0  # > 0: create a shapes dataset of this many images at `data` if missing
     shapes_two_object_prob: float = 0.5  # share of generated shapes scenes with two objects (else one)
+    generate_shapes_edits: int = 0  # > 0: create a shapes editing set of this many triples at `data` if missing
+    task: str = "auto"  # "caption" | "edit" | "auto" (edit when `data` has an edits.jsonl)
+    edit_dropout: float = 0.05  # editing: instruction, source or both dropped, this share each
+    init_from: str = ""  # a run / checkpoint / model folder whose adapter weights start the run
     max_text_tokens: int = 64
     image_first_ratio: float = 0.2  # paper: caption before image 80%, image before caption 20%
     caption_dropout: float = 0.1  # caption-first examples whose caption becomes "" (CFG unconditional)
@@ -99,6 +104,10 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
             (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
+            (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (0.0 <= self.edit_dropout <= 1 / 3, f"edit_dropout must be in [0, 1/3] (three cases), got {self.edit_dropout}"),
+            (self.generate_shapes_edits >= 0 and not (self.generate_shapes_edits and self.generate_shapes),
+             "generate_shapes_edits must be >= 0, and not given together with generate_shapes (one dataset at `data`)"),
             (self.pack_length >= 0, f"pack_length must be >= 0 (0 = no packing), got {self.pack_length}"),
             (self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
@@ -340,6 +349,31 @@ PRESETS["paper"] = dict(
 )
 
 
+# Editing (issue 16, LMFusion §5.2 / Transfusion §4.5): the quickstart's model and recipe, fine-tuned
+# from a quickstart run on 8,000 shapes editing triples ([BOI source EOI] instruction [BOI target EOI],
+# InstructPix2Pix's 5% dropout of instruction, source and both). An edit example holds two images,
+# a quickstart one holds one; the step count is meant for 2 CPU cores but is not yet timed
+# (benchmarks/results/edit.md records what was run). `--init-from ''` trains from fresh image modules.
+PRESETS["edit"] = dict(
+    PRESETS["quickstart"],
+    name="edit",
+    data="data/shapes_edits",
+    generate_shapes=0,
+    generate_shapes_edits=8000,
+    task="edit",
+    edit_dropout=0.05,
+    init_from="runs/quickstart",
+    image_first_ratio=0.0,
+    max_steps=600,
+    warmup_steps=20,
+    lr=5e-4,
+    min_lr=5e-5,
+    sample_every=200,
+    sample_prompts=[],
+    probe_every=0,  # the probes read caption data
+)
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- preset <- YAML file <- overrides (flags)."""
     values: dict = {}
@@ -365,7 +399,9 @@ def parse_value(text: str) -> Any:
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
-                     "runs_dir", "generate_shapes", "data_workers",
+                     "runs_dir", "generate_shapes", "generate_shapes_edits", "data_workers",
+                     # the starting weights: a resumed run continues from its own checkpoint instead
+                     "init_from",
                      # how a step is laid out and computed, not what it computes (same losses, same gradients)
                      "pack_length", "attention", "skip_frozen_context"}
 # Not resumable: memory_cache_limit_mb, because the in-memory path keeps fp32 latents and the shard

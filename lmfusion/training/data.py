@@ -29,13 +29,19 @@ from ..data.fingerprints import codec_fingerprint, dataset_fingerprint  # noqa: 
 from ..data.latent_shards import stats_summary
 from ..model.sequence import Example, MultimodalBatch, SequenceBuilder
 from ..utils import atomic_write_bytes
+from .edit_data import open_edit_store, wants_edit_data
 
 CACHE_FORMAT = 1  # bump when the cached content changes meaning
 _PLAN_SALT = 0x5EED  # separates the per-example draws from any other use of the seed
 
 
 def ensure_dataset(config) -> None:
-    """Generate the shapes dataset at `config.data` when asked to and it is missing (quickstart)."""
+    """Generate the shapes dataset (or shapes edits) at `config.data` when asked to and it is missing."""
+    if config.generate_shapes_edits and not Path(config.data).exists():
+        from ..data.shapes_edits import generate_shapes_edits
+
+        generate_shapes_edits(config.data, config.generate_shapes_edits, size=config.image_size, seed=0,
+                              progress=config.progress)
     if config.generate_shapes and not Path(config.data).exists():
         from ..data import generate_shapes_dataset
 
@@ -169,6 +175,8 @@ def open_latent_store(config, codec, progress: bool = True, say=print) -> Latent
     from ..data.latent_shards import LatentShards, is_shard_folder
 
     data, size = config.data, config.image_size
+    if wants_edit_data(config):
+        return open_edit_store(config, codec, say)
     if is_shard_folder(data):
         store = LatentShards(data)
         store.check_matches(codec.config(), codec_fingerprint(codec, size), size)
@@ -256,9 +264,10 @@ def read_cache(path: Path) -> CaptionLatents:
 @dataclass(frozen=True)
 class Plan:
     record: int
-    kind: str  # "caption_first" | "image_first" | "text"
-    drop_caption: bool = False
+    kind: str  # "caption_first" | "image_first" | "text" | "edit"
+    drop_caption: bool = False  # for "edit": the instruction is dropped
     text_index: int = 0  # into the text-only documents, when kind == "text"
+    drop_source: bool = False  # "edit" only: the source image is dropped
 
 
 class ExamplePlanner:
@@ -269,10 +278,11 @@ class ExamplePlanner:
     """
 
     def __init__(self, n_records: int, seed: int, image_first_ratio: float = 0.2, caption_dropout: float = 0.1,
-                 text_only_ratio: float = 0.0, n_texts: int = 0):
+                 text_only_ratio: float = 0.0, n_texts: int = 0, edit: bool = False, edit_dropout: float = 0.05):
         if n_records <= 0:
             raise ValueError("no usable training records")
         self.n, self.seed, self.n_texts = n_records, seed, n_texts
+        self.edit, self.edit_dropout = edit, edit_dropout
         self.image_first_ratio, self.caption_dropout, self.text_only_ratio = image_first_ratio, caption_dropout, text_only_ratio
 
     @lru_cache(maxsize=4)
@@ -285,6 +295,9 @@ class ExamplePlanner:
         u = np.random.default_rng([self.seed, _PLAN_SALT, 1 << 40, position]).random(4)
         if u[0] < self.text_only_ratio:
             return Plan(record, "text", text_index=int(u[3] * self.n_texts) if self.n_texts else record)
+        if self.edit:  # InstructPix2Pix's dropout: instruction, source, or both, edit_dropout each
+            case = int(u[1] // self.edit_dropout) if self.edit_dropout > 0 else 3
+            return Plan(record, "edit", drop_caption=case in (0, 2), drop_source=case in (1, 2))
         if u[1] < self.image_first_ratio:
             return Plan(record, "image_first")
         return Plan(record, "caption_first", drop_caption=bool(u[2] < self.caption_dropout))
@@ -311,27 +324,44 @@ class BatchSource:
         self.texts = texts or []
         self.pack_length = pack_length  # > 0: packed rows (SequenceBuilder.pack), else one padded row per example
 
-    def example(self, plan: Plan) -> tuple[Example, bool]:
-        """The laid-out example and whether it holds the record's image."""
+    def example(self, plan: Plan) -> tuple[Example, list[tuple[str, int]]]:
+        """The laid-out example and its images in order, as (role, record): role "source" or "record"."""
         caption = self.data.caption(plan.record)
         if plan.kind == "text":
-            return self.builder.text_only(self.texts[plan.text_index] if self.texts else caption), False
+            return self.builder.text_only(self.texts[plan.text_index] if self.texts else caption), []
+        if plan.kind == "edit":
+            example = self.builder.edit(caption, drop_source=plan.drop_source, drop_instruction=plan.drop_caption)
+            images = [] if plan.drop_source else [("source", plan.record)]
+            return example, images + [("record", plan.record)]
         if plan.kind == "image_first":
-            return self.builder.image_then_text(caption), True
-        return self.builder.text_then_image("" if plan.drop_caption else caption), True
+            return self.builder.image_then_text(caption), [("record", plan.record)]
+        return self.builder.text_then_image("" if plan.drop_caption else caption), [("record", plan.record)]
 
     def batch(self, positions) -> tuple[MultimodalBatch, list[Plan]]:
         plans = [self.planner.plan(p) for p in positions]
         examples, images = [], []
         for plan in plans:
-            example, has_image = self.example(plan)
+            example, used = self.example(plan)
             examples.append(example)
-            if has_image:
-                images.append(plan.record)
-        latents = self.data.latents(images) if images else None
+            images.extend(used)
+        latents = self.latents(images) if images else None
         if self.pack_length:
             return self.builder.pack(examples, latents, self.pack_length), plans
         return self.builder.collate(examples, latents), plans
+
+    def latents(self, images: list[tuple[str, int]]) -> torch.Tensor:
+        """The images' latents in reading order: one read per role, then put back in order."""
+        records = [r for role, r in images if role == "record"]
+        sources = [r for role, r in images if role == "source"]
+        if not sources:
+            return self.data.latents(records)
+        parts = [self.data.source_latents(sources)] + ([self.data.latents(records)] if records else [])
+        stacked = torch.cat(parts)
+        is_source = torch.tensor([role == "source" for role, _ in images])
+        order = torch.empty(len(images), dtype=torch.long)
+        order[is_source] = torch.arange(len(sources))
+        order[~is_source] = torch.arange(len(records)) + len(sources)
+        return stacked[order]
 
 
 def build_batch_source(data: LatentStore, model, config) -> BatchSource:
@@ -340,5 +370,6 @@ def build_batch_source(data: LatentStore, model, config) -> BatchSource:
                               config.max_text_tokens, model.config.num_train_timesteps)
     texts = read_text_documents(config.text_data)
     planner = ExamplePlanner(len(data), config.seed, config.image_first_ratio, config.caption_dropout,
-                             config.text_only_ratio, len(texts))
+                             config.text_only_ratio, len(texts), edit=getattr(data, "is_edit", False),
+                             edit_dropout=config.edit_dropout)
     return BatchSource(data, builder, planner, texts, config.pack_length)

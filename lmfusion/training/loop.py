@@ -33,6 +33,7 @@ from .metrics import peak_flops, step_flops, unet_forward_flops
 from .parallelize import compile_layers
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, clip_gradients,
                           init_distributed, is_sharded, local_numel, no_sync, shutdown, wrap_model)
+from .samples import write_samples
 from .step_batches import step_loader
 
 
@@ -141,7 +142,7 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
     if batches is None:
         batches = [source.batch(plan.positions(step, j))[0] for j in chunks]
     batches = [b.to(info.device) for b in batches]
-    local = torch.tensor([[b.text_targets()[1].numel(), 0 if b.latents is None else b.latents.shape[0], b.num_tokens,
+    local = torch.tensor([[b.text_targets()[1].numel(), b.num_loss_images, b.num_tokens,
                            step_flops(model, b)["total"]] for b in batches], dtype=torch.float64).sum(0)
     positions = sum(b.input_ids.numel() for b in batches)
     n_text, n_images, n_tokens, flops = all_reduce_sum(local, info).tolist()
@@ -202,6 +203,8 @@ def check_parallel(config: TrainConfig, info: DistInfo) -> None:
 def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     started = time.time()
     check_parallel(config, info)
+    if config.init_from:  # before any data is generated or encoded: a missing start fails in a second
+        ckpt.init_folder(config.init_from)
     if config.threads:
         torch.set_num_threads(config.threads)
     micro, accum = config.split_batch(info.world_size)
@@ -214,6 +217,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
     try:
         data, model, codec = _load_data_and_model(config, info, log)
         log.data_stats(data)
+        if config.init_from:  # before wrapping (FSDP shards the parameters); --resume then overrides
+            ckpt.load_init_weights(model, config.init_from, say=log.say)
         source = build_batch_source(data, model, config)
         unet_forward_flops(model)  # calibrated (and cached) before compile and FSDP change the modules
         if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
@@ -232,6 +237,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         probes = None
         if config.probe_every and sharded:  # probes run on rank 0 alone; a sharded forward needs every rank
             log.say("probes: skipped under parallel: fsdp")
+        elif config.probe_every and getattr(data, "is_edit", False):
+            log.say("probes: skipped for editing data (they read image-caption records)")
         elif config.probe_every and info.is_main:
             probes = probe_records(config.data, config.image_size, codec, config.probe_images)
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")
@@ -438,44 +445,3 @@ class RunLog:
             if handle is not None:
                 handle.close()
         self.writer = self.log_file = self.metrics_file = None
-
-
-def write_samples(model, codec, data, config: TrainConfig, step: int, log: RunLog) -> None:
-    """A grid of generated images for the sample prompts, and captions of a few training images.
-
-    Optional by design: the samplers live in lmfusion.sampling; if that is missing the run goes on.
-    """
-    try:
-        from ..sampling import LMFusionPipeline
-    except (ImportError, AttributeError) as error:
-        log.say(f"step {step}: samples skipped (lmfusion.sampling unavailable: {error})")
-        return
-    from ..data import make_grid, save_image_grid
-
-    was_training = model.training
-    model.eval()
-    try:
-        pipe = LMFusionPipeline(model, codec)  # the trainer's codec: the one the data was encoded with
-        images = pipe.generate_image(list(config.sample_prompts), steps=config.sample_steps,
-                                     guidance_scale=config.sample_guidance_scale, seed=config.seed, output="tensor",
-                                     progress=False)
-        shown = range(min(4, len(data)))
-        pixels = codec.decode(data.latents(shown).to(model.device)).float().cpu()
-        captions = pipe.caption(pixels)
-    except Exception as error:  # a sampler bug must not kill a long run; the checkpoint is safe
-        log.say(f"step {step}: sample writing failed, training goes on: {type(error).__name__}: {error}")
-        return
-    finally:
-        model.train(was_training)
-    if not log.enabled:  # a non-writing rank of a sharded run only took part in the forward passes
-        return
-    folder = log.run_dir / "samples"
-    grid = save_image_grid(images, folder / f"{ckpt.step_name(step)}.png", nrow=len(images))
-    lines = [f"step {step}: generated ({config.sample_steps} steps, guidance scale {config.sample_guidance_scale}), left to right:"]
-    lines += [f"  {p}" for p in config.sample_prompts]
-    lines += ["captions of training images (model | reference):"]
-    lines += [f"  {c!r} | {data.caption(i)!r}" for i, c in enumerate(captions)]
-    (folder / f"{ckpt.step_name(step)}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log.writer.add_image("samples", make_grid(images, nrow=len(images)), step)
-    log.writer.add_text("samples/captions", "\n\n".join(lines), step)
-    log.say(f"step {step}: samples written to {grid}")

@@ -87,3 +87,26 @@ def test_the_page_captions_a_chosen_image_and_chats(page, tmp_path):
     assert page.inner_text(".message.user") == "the quick brown fox"
     assert page.is_hidden("#chat-error")
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+
+def test_the_page_edits_a_chosen_image_and_shows_its_errors(page, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "circle.png"
+    Image.new("RGB", (16, 16), (215, 25, 25)).save(picture)
+    page.wait_for_selector("#model-info:has-text('16×16')")
+    page.click("nav button[data-tab=edit]")
+    page.fill("#edit-prompt", "make it blue")
+    page.click("#edit-submit")  # no image chosen: the server's 400 appears in the page
+    page.wait_for_selector("#edit-error:not([hidden])")
+    assert "image is required" in page.inner_text("#edit-error")
+    page.set_input_files("#edit-file", str(picture))
+    page.fill("#edit-n", "2")
+    page.fill("#edit-seed", "7")
+    page.fill("#edit-image-guidance", "1.5")
+    page.click("#edit-submit")
+    page.wait_for_selector("#edit-results img", timeout=30_000)
+    sizes = page.eval_on_selector_all("#edit-results img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[True, 16, 16]] * 2
+    assert page.inner_text("#edit-results").split() == ["seed", "7", "seed", "8"]
+    assert page.is_visible("#edit-preview") and page.is_hidden("#edit-error")

@@ -73,19 +73,52 @@ $("draw-form").addEventListener("submit", (event) => {
       steps: numberOrUndefined($("draw-steps")), guidance_scale: numberOrUndefined($("draw-guidance")), seed: numberOrUndefined($("draw-seed")),
     };
     const result = await api("/v1/images/generations", body);
-    const gallery = $("draw-results");
-    gallery.replaceChildren(...result.data.map((item) => {
-      const figure = document.createElement("figure");
-      const img = document.createElement("img");
-      img.src = "data:image/png;base64," + item.b64_json;
-      img.alt = body.prompt;
-      const caption = document.createElement("figcaption");
-      const link = document.createElement("a");
-      link.href = img.src; link.download = `lmfusion-seed${item.seed}.png`; link.textContent = `seed ${item.seed}`;
-      caption.append(link);
-      figure.append(img, caption);
-      return figure;
-    }));
+    showImages($("draw-results"), result.data, body.prompt);
+  });
+});
+
+// A gallery of returned images, each with its seed as a download link.
+function showImages(gallery, items, alt) {
+  gallery.replaceChildren(...items.map((item) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = "data:image/png;base64," + item.b64_json;
+    img.alt = alt;
+    const caption = document.createElement("figcaption");
+    const link = document.createElement("a");
+    link.href = img.src; link.download = `lmfusion-seed${item.seed}.png`; link.textContent = `seed ${item.seed}`;
+    caption.append(link);
+    figure.append(img, caption);
+    return figure;
+  }));
+}
+
+// ------------------------------------------------------------------ edit
+// OpenAI's images.edit is a multipart form: the image as a file, the other fields as text.
+$("edit-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0], preview = $("edit-preview");
+  if (!file) return;
+  preview.src = await readAsDataURL(file); preview.alt = file.name; preview.hidden = false;
+});
+
+$("edit-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy("edit", $("edit-submit"), async () => {
+    const form = new FormData();
+    const file = $("edit-file").files[0];
+    if (file) form.append("image", file, file.name);  // without one, the server says what is missing
+    form.append("prompt", $("edit-prompt").value);
+    form.append("model", modelId);
+    form.append("n", String(numberOrUndefined($("edit-n")) || 1));
+    for (const [field, id] of [["steps", "edit-steps"], ["guidance_scale", "edit-guidance"],
+                               ["image_guidance_scale", "edit-image-guidance"], ["seed", "edit-seed"]]) {
+      if ($(id).value !== "") form.append(field, $(id).value);
+    }
+    const h = headers();
+    delete h["Content-Type"];  // the browser sets multipart/form-data with its boundary
+    const response = await fetch("/v1/images/edits", { method: "POST", headers: h, body: form });
+    if (!response.ok) throw await failure(response);
+    showImages($("edit-results"), (await response.json()).data, $("edit-prompt").value);
   });
 });
 
