@@ -1,5 +1,6 @@
 """`lmfusion data shapes`: the built-in dataset, generated locally so no download is needed.
 `lmfusion data shapes-edits`: (source, instruction, target) editing triples from the same renderer.
+`lmfusion data shapes-chat`: conversations that draw one or two images, or answer in the base's own words.
 `lmfusion data encode`: any caption source -> latent shards that training streams from."""
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="share written to test/, with held-out phrasings and edit results (default 0.1)")
     edits.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     edits.set_defaults(func=_shapes_edits)
+
+    chat = kinds.add_parser("shapes-chat", help="generate shapes chat conversations (chat.jsonl + images, train/ "
+                            "and test/); text replies are the base model's own greedy ones, computed once here")
+    chat.add_argument("--out", required=True, help="output folder (gets train/ and test/, each a chat.jsonl and images/)")
+    chat.add_argument("--count", type=int, default=3000,
+                      help="conversations: one-image, two-image and text-only in turn (default 3000)")
+    chat.add_argument("--seed", type=int, default=0, help="scene seed; a seed a run never trained on gives held-out data")
+    chat.add_argument("--base-model", default="smollm2-135m",
+                      help="the base LM whose chat template renders the user turn and whose greedy replies are stored "
+                           "(use the base the model will train on; default smollm2-135m)")
+    chat.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    chat.add_argument("--test-fraction", type=float, default=0.1,
+                      help="share written to test/, with unseen phrasings, paraphrases and questions (default 0.1)")
+    chat.add_argument("--reply-tokens", type=int, default=48, help="most tokens of a stored base reply (default 48)")
+    chat.add_argument("--lead-in-tokens", type=int, default=12,
+                      help="most tokens of the base's own opening kept before an image (default 12; 0 = draw at once)")
+    chat.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    chat.set_defaults(func=_shapes_chat)
 
     encode = kinds.add_parser("encode", help="encode a caption dataset into latent shards (resumable)")
     encode.add_argument("--data", required=True, help="source: image folder, WebDataset shards or HF dataset on disk")
@@ -67,6 +86,16 @@ def _shapes_edits(args: argparse.Namespace) -> int:
     out = generate_shapes_edits(args.out, args.count, size=args.size, seed=args.seed,
                                 test_fraction=args.test_fraction, overwrite=args.overwrite)
     print(f"wrote {args.count} shapes edits to {out}")
+    return 0
+
+
+def _shapes_chat(args: argparse.Namespace) -> int:
+    from .shapes_chat import generate_shapes_chat
+
+    out = generate_shapes_chat(args.out, args.count, base_model=args.base_model, size=args.size, seed=args.seed,
+                               test_fraction=args.test_fraction, reply_tokens=args.reply_tokens,
+                               lead_in_tokens=args.lead_in_tokens, overwrite=args.overwrite)
+    print(f"wrote {args.count} shapes chats to {out}")
     return 0
 
 

@@ -22,6 +22,9 @@ class Example:
 
     ids: list[int] = field(default_factory=list)
     max_timesteps: list[int] = field(default_factory=list)
+    # Tokens before this index are never a text target (a chat's user turn: the reply is what is
+    # learnt, as SFT masks the prompt); 0 = every text token may be one.
+    loss_start: int = 0
 
     def add_text(self, ids: list[int]) -> "Example":
         self.ids.extend(ids)
@@ -44,6 +47,9 @@ class MultimodalBatch:
     # and its position inside that example. None for padded rows, where each row is one example.
     document_ids: torch.Tensor | None = None  # [B, L]
     position_ids: torch.Tensor | None = None  # [B, L]
+    # [B, L] bool: whether the token at a position may be a text target (False in a chat's user
+    # turn); None = every token may be.
+    target_mask: torch.Tensor | None = None
 
     def to(self, device) -> "MultimodalBatch":
         def move(t):
@@ -51,7 +57,7 @@ class MultimodalBatch:
 
         return MultimodalBatch(move(self.input_ids), move(self.image_mask), move(self.attention_mask),
                                move(self.latents), move(self.max_timesteps), move(self.document_ids),
-                               move(self.position_ids))
+                               move(self.position_ids), move(self.target_mask))
 
     @property
     def loss_images(self) -> torch.Tensor:
@@ -83,6 +89,8 @@ class MultimodalBatch:
         wants[:, :-1] = text[:, :-1] & text[:, 1:]
         if self.document_ids is not None:  # an example's last token does not predict the next one's first
             wants[:, :-1] &= self.document_ids[:, :-1] == self.document_ids[:, 1:]
+        if self.target_mask is not None:
+            wants[:, :-1] &= self.target_mask[:, 1:]
         labels = self.input_ids[:, 1:][wants[:, :-1]]
         return wants, labels
 
@@ -137,6 +145,37 @@ class SequenceBuilder:
         example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image, self.num_train_timesteps)
         return example.add_text([self.eos_id])
 
+    def chat(self, user_turn: list[int], lead_in: str, n_images: int = 0, reply: str = "",
+             reply_stopped: bool = True) -> Example:
+        """A templated conversation: `user_turn` (ids of the rendered user turn, never a target),
+        then the assistant's turn, `lead_in [BOI image EOI]... EOS`, or for a text reply
+        `reply [EOS]` (EOS only where the base stopped by itself: a reply cut at its token limit
+        did not end there).
+
+        What the text loss teaches, with the frozen base logits: the position before each BOI
+        predicts BOI (through special_head), every position of a text reply predicts the base's own
+        next token, so BOI must stay below it there. Two images follow one another with no text
+        between: the decision to draw again is made at the first image's EOI, whose embedding is
+        trainable, while text between them would have to come from the frozen head.
+
+        The images: with one, it is a target (noised, diffusion loss). With two, the first enters
+        clean (t = 0, no loss) and the second is the target: at inference the sampler appends a
+        finished first image clean before the model draws the second, so this is the layout the
+        second image is drawn in (as an edit's source and target); the first image's drawing is
+        learnt from one-image examples, whose requests are the same kind.
+        """
+        if n_images not in (0, 1, 2):
+            raise ValueError(f"a chat example holds 0, 1 or 2 images, got {n_images}")
+        example = Example(loss_start=len(user_turn)).add_text(list(user_turn))
+        if n_images == 0:
+            return example.add_text(self.encode(reply) + ([self.eos_id] if reply_stopped else []))
+        example.add_text(self.encode(lead_in) if lead_in else [])
+        for k in range(n_images):
+            clean = n_images == 2 and k == 0
+            example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image,
+                              CLEAN_IMAGE if clean else self.num_train_timesteps)
+        return example.add_text([self.eos_id])
+
     def text_only(self, text: str) -> Example:
         return Example().add_text(self.encode(text) + [self.eos_id])
 
@@ -152,7 +191,9 @@ class SequenceBuilder:
             ids[row, : len(row_ids)] = row_ids.masked_fill(is_image, self.pad_id)
             image_mask[row, : len(row_ids)] = is_image
             attention[row, : len(row_ids)] = 1
-        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents))
+        targets = self._target_mask(examples, [[(row, 0)] for row in range(len(examples))], ids.shape)
+        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents),
+                               target_mask=targets)
 
     def pack(self, examples: list[Example], latents: torch.Tensor | None, pack_length: int) -> MultimodalBatch:
         """Concatenate examples, in order and never split, into rows of exactly pack_length tokens.
@@ -178,7 +219,7 @@ class SequenceBuilder:
         attention = torch.zeros(shape, dtype=torch.long)
         documents = torch.full(shape, -1, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
-        document = 0
+        document, starts = 0, []
         for row, members in enumerate(rows):
             start = 0
             for example in members:
@@ -190,9 +231,23 @@ class SequenceBuilder:
                 attention[row, span] = 1
                 documents[row, span] = document
                 positions[row, span] = torch.arange(len(row_ids))
+                starts.append((row, start))
                 start += len(row_ids)
                 document += 1
-        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents), documents, positions)
+        targets = self._target_mask([e for members in rows for e in members], [[s] for s in starts], shape)
+        return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents), documents, positions,
+                               targets)
+
+    @staticmethod
+    def _target_mask(examples: list[Example], places: list[list[tuple[int, int]]], shape) -> torch.Tensor | None:
+        """[B, L] False over each example's first loss_start tokens (at its (row, start) place);
+        None when no example masks any, so batches without chats are what they always were."""
+        if not any(e.loss_start for e in examples):
+            return None
+        mask = torch.ones(shape, dtype=torch.bool)
+        for example, [(row, start)] in zip(examples, places):
+            mask[row, start : start + example.loss_start] = False
+        return mask
 
     @staticmethod
     def _image_caps(examples: list[Example], latents: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import yaml
 from ..config import ATTENTION, TINY_UNET, LMFusionConfig
 
 PRECISIONS = ("fp32", "bf16")
-TASKS = ("auto", "caption", "edit")  # = lmfusion.training.edit_data.TASKS
+TASKS = ("auto", "caption", "edit", "chat")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -43,8 +43,11 @@ class TrainConfig:
     generate_shapes: int = 0  # > 0: create a shapes dataset of this many images at `data` if missing
     shapes_two_object_prob: float = 0.5  # share of generated shapes scenes with two objects (else one)
     generate_shapes_edits: int = 0  # > 0: create a shapes editing set of this many triples at `data` if missing
-    task: str = "auto"  # "caption" | "edit" | "auto" (edit when `data` has an edits.jsonl)
+    task: str = "auto"  # "caption" | "edit" | "chat" | "auto" (edit / chat when `data` has an edits.jsonl / chat.jsonl)
     edit_dropout: float = 0.05  # editing: instruction, source or both dropped, this share each
+    generate_shapes_chat: int = 0  # > 0: create a shapes chat set of this many conversations at `data` if missing
+    chat_edit_data: str = ""  # task chat: an editing set (shapes-edits layout) mixed into the conversations
+    chat_edit_ratio: float = 0.0  # task chat: share of examples that are edits from chat_edit_data
     init_from: str = ""  # a run / checkpoint / model folder whose adapter weights start the run
     max_text_tokens: int = 64
     image_first_ratio: float = 0.2  # paper: caption before image 80%, image before caption 20%
@@ -105,6 +108,12 @@ class TrainConfig:
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
             (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
             (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
+            (0.0 <= self.chat_edit_ratio < 1.0 and (self.chat_edit_ratio == 0 or bool(self.chat_edit_data)),
+             f"chat_edit_ratio must be in [0, 1) and needs chat_edit_data, got {self.chat_edit_ratio} and "
+             f"{self.chat_edit_data!r}"),
+            (self.generate_shapes_chat >= 0 and not (self.generate_shapes_chat and self.generate_shapes),
+             "generate_shapes_chat must be >= 0, and not given together with generate_shapes (one dataset at `data`)"),
+            (self.chat_edit_ratio == 0 or self.task == "chat", "chat_edit_ratio mixes edits into task: chat only"),
             (0.0 <= self.edit_dropout <= 1 / 3, f"edit_dropout must be in [0, 1/3] (three cases), got {self.edit_dropout}"),
             (self.generate_shapes_edits >= 0 and not (self.generate_shapes_edits and self.generate_shapes),
              "generate_shapes_edits must be >= 0, and not given together with generate_shapes (one dataset at `data`)"),
@@ -399,7 +408,7 @@ def parse_value(text: str) -> Any:
 # (max_steps does change the cosine schedule; that is allowed, to extend a run, and announced).
 RESUMABLE_CHANGES = {"max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "sample_prompts", "sample_steps", "sample_guidance_scale", "progress", "probe_every", "probe_images", "threads", "latent_cache",
-                     "runs_dir", "generate_shapes", "generate_shapes_edits", "data_workers",
+                     "runs_dir", "generate_shapes", "generate_shapes_edits", "generate_shapes_chat", "data_workers",
                      # the starting weights: a resumed run continues from its own checkpoint instead
                      "init_from",
                      # how a step is laid out and computed, not what it computes (same losses, same gradients)

@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save
 
 from ..data.fingerprints import codec_fingerprint, dataset_fingerprint  # noqa: F401 (re-exported)
 from ..data.latent_shards import stats_summary
+from ..data.shapes_chat import user_turn_ids
 from ..model.sequence import Example, MultimodalBatch, SequenceBuilder
 from ..utils import atomic_write_bytes
+from .chat_data import open_chat_store, wants_chat_data
 from .edit_data import open_edit_store, wants_edit_data
 
 CACHE_FORMAT = 1  # bump when the cached content changes meaning
@@ -37,11 +39,18 @@ _PLAN_SALT = 0x5EED  # separates the per-example draws from any other use of the
 
 def ensure_dataset(config) -> None:
     """Generate the shapes dataset (or shapes edits) at `config.data` when asked to and it is missing."""
-    if config.generate_shapes_edits and not Path(config.data).exists():
+    # a chat run's editing set is the one mixed in (chat_edit_data); `data` holds the conversations
+    edits_at = config.chat_edit_data if config.task == "chat" else config.data
+    if config.generate_shapes_edits and edits_at and not Path(edits_at).exists():
         from ..data.shapes_edits import generate_shapes_edits
 
-        generate_shapes_edits(config.data, config.generate_shapes_edits, size=config.image_size, seed=0,
+        generate_shapes_edits(edits_at, config.generate_shapes_edits, size=config.image_size, seed=0,
                               progress=config.progress)
+    if config.generate_shapes_chat and not Path(config.data).exists():
+        from ..data.shapes_chat import generate_shapes_chat
+
+        generate_shapes_chat(config.data, config.generate_shapes_chat, base_model=config.base_model,
+                             size=config.image_size, seed=0, progress=config.progress)
     if config.generate_shapes and not Path(config.data).exists():
         from ..data import generate_shapes_dataset
 
@@ -175,6 +184,8 @@ def open_latent_store(config, codec, progress: bool = True, say=print) -> Latent
     from ..data.latent_shards import LatentShards, is_shard_folder
 
     data, size = config.data, config.image_size
+    if wants_chat_data(config):
+        return open_chat_store(config, codec, say)
     if wants_edit_data(config):
         return open_edit_store(config, codec, say)
     if is_shard_folder(data):
@@ -264,7 +275,7 @@ def read_cache(path: Path) -> CaptionLatents:
 @dataclass(frozen=True)
 class Plan:
     record: int
-    kind: str  # "caption_first" | "image_first" | "text" | "edit"
+    kind: str  # "caption_first" | "image_first" | "text" | "edit" | "chat" (record = a chat row)
     drop_caption: bool = False  # for "edit": the instruction is dropped
     text_index: int = 0  # into the text-only documents, when kind == "text"
     drop_source: bool = False  # "edit" only: the source image is dropped
@@ -278,10 +289,14 @@ class ExamplePlanner:
     """
 
     def __init__(self, n_records: int, seed: int, image_first_ratio: float = 0.2, caption_dropout: float = 0.1,
-                 text_only_ratio: float = 0.0, n_texts: int = 0, edit: bool = False, edit_dropout: float = 0.05):
+                 text_only_ratio: float = 0.0, n_texts: int = 0, edit: bool = False, edit_dropout: float = 0.05,
+                 chat: bool = False, n_edits: int = 0, chat_edit_ratio: float = 0.0):
         if n_records <= 0:
             raise ValueError("no usable training records")
         self.n, self.seed, self.n_texts = n_records, seed, n_texts
+        # chat: every example is a conversation, except a chat_edit_ratio share of edits drawn from
+        # the n_edits mixed-in triples (the conversations keep their epoch permutation)
+        self.chat, self.n_edits, self.chat_edit_ratio = chat, n_edits, chat_edit_ratio
         self.edit, self.edit_dropout = edit, edit_dropout
         self.image_first_ratio, self.caption_dropout, self.text_only_ratio = image_first_ratio, caption_dropout, text_only_ratio
 
@@ -293,6 +308,12 @@ class ExamplePlanner:
         epoch, offset = divmod(position, self.n)
         record = int(self.order(epoch)[offset])
         u = np.random.default_rng([self.seed, _PLAN_SALT, 1 << 40, position]).random(4)
+        if self.chat:
+            if u[0] >= self.chat_edit_ratio or not self.n_edits:
+                return Plan(record, "chat")
+            case = int(u[1] // self.edit_dropout) if self.edit_dropout > 0 else 3
+            return Plan(min(int(u[3] * self.n_edits), self.n_edits - 1), "edit", drop_caption=case in (0, 2),
+                        drop_source=case in (1, 2))
         if u[0] < self.text_only_ratio:
             return Plan(record, "text", text_index=int(u[3] * self.n_texts) if self.n_texts else record)
         if self.edit:  # InstructPix2Pix's dropout: instruction, source, or both, edit_dropout each
@@ -325,7 +346,15 @@ class BatchSource:
         self.pack_length = pack_length  # > 0: packed rows (SequenceBuilder.pack), else one padded row per example
 
     def example(self, plan: Plan) -> tuple[Example, list[tuple[str, int]]]:
-        """The laid-out example and its images in order, as (role, record): role "source" or "record"."""
+        """The laid-out example and its images in order, as (role, index): role "source" or
+        "record" (by record), or "chat" (by row of the chat store's images)."""
+        if plan.kind == "chat":
+            row = self.data.rows[plan.record]
+            user_turn = user_turn_ids(self.builder.tokenizer, row["user"])
+            images = self.data.image_rows[plan.record]
+            example = self.builder.chat(user_turn, row.get("lead_in") or "", len(images), row.get("reply") or "",
+                                        bool(row.get("reply_stopped", True)))
+            return example, [("chat", i) for i in images]
         caption = self.data.caption(plan.record)
         if plan.kind == "text":
             return self.builder.text_only(self.texts[plan.text_index] if self.texts else caption), []
@@ -351,17 +380,19 @@ class BatchSource:
 
     def latents(self, images: list[tuple[str, int]]) -> torch.Tensor:
         """The images' latents in reading order: one read per role, then put back in order."""
-        records = [r for role, r in images if role == "record"]
-        sources = [r for role, r in images if role == "source"]
-        if not sources:
-            return self.data.latents(records)
-        parts = [self.data.source_latents(sources)] + ([self.data.latents(records)] if records else [])
-        stacked = torch.cat(parts)
-        is_source = torch.tensor([role == "source" for role, _ in images])
-        order = torch.empty(len(images), dtype=torch.long)
-        order[is_source] = torch.arange(len(sources))
-        order[~is_source] = torch.arange(len(records)) + len(sources)
-        return stacked[order]
+        readers = {"record": self.data.latents, "source": getattr(self.data, "source_latents", None),
+                   "chat": getattr(self.data, "chat_latents", None)}
+        roles = [role for role in readers if any(r == role for r, _ in images)]
+        if roles == ["record"]:
+            return self.data.latents([i for _, i in images])
+        parts, order = [], torch.empty(len(images), dtype=torch.long)
+        done = 0
+        for role in roles:
+            where = [k for k, (r, _) in enumerate(images) if r == role]
+            parts.append(readers[role]([images[k][1] for k in where]))
+            order[torch.tensor(where)] = torch.arange(len(where)) + done
+            done += len(where)
+        return torch.cat(parts)[order]
 
 
 def build_batch_source(data: LatentStore, model, config) -> BatchSource:
@@ -371,5 +402,7 @@ def build_batch_source(data: LatentStore, model, config) -> BatchSource:
     texts = read_text_documents(config.text_data)
     planner = ExamplePlanner(len(data), config.seed, config.image_first_ratio, config.caption_dropout,
                              config.text_only_ratio, len(texts), edit=getattr(data, "is_edit", False),
-                             edit_dropout=config.edit_dropout)
+                             edit_dropout=config.edit_dropout, chat=getattr(data, "is_chat", False),
+                             n_edits=len(data.edits) if getattr(data, "edits", None) is not None else 0,
+                             chat_edit_ratio=config.chat_edit_ratio)
     return BatchSource(data, builder, planner, texts, config.pack_length)

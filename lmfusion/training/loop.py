@@ -237,8 +237,9 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         probes = None
         if config.probe_every and sharded:  # probes run on rank 0 alone; a sharded forward needs every rank
             log.say("probes: skipped under parallel: fsdp")
-        elif config.probe_every and getattr(data, "is_edit", False):
-            log.say("probes: skipped for editing data (they read image-caption records)")
+        elif config.probe_every and (getattr(data, "is_edit", False) or getattr(data, "is_chat", False)):
+            kind = "editing" if getattr(data, "is_edit", False) else "chat"
+            log.say(f"probes: skipped for {kind} data (they read image-caption records)")
         elif config.probe_every and info.is_main:
             probes = probe_records(config.data, config.image_size, codec, config.probe_images)
             log.say(f"probes: {len(probes[1])} images from the {probes[2]}, every {config.probe_every} steps")

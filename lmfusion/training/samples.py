@@ -26,6 +26,9 @@ def write_samples(model, codec, data, config: TrainConfig, step: int, log) -> No
     try:
         pipe = LMFusionPipeline(model, codec)  # the trainer's codec: the one the data was encoded with
         shown = range(min(4, len(data)))
+        if getattr(data, "is_chat", False):  # what a chat run learnt is measured by lmfusion eval --task chat
+            log.say(f"step {step}: no sample grid for chat data (measure it with lmfusion eval --task chat)")
+            return
         if getattr(data, "is_edit", False):  # sources, their edits, then the true targets
             return _write_edit_samples(pipe, data, shown, config, step, log)
         images = pipe.generate_image(list(config.sample_prompts), steps=config.sample_steps,
