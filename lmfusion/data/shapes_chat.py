@@ -49,7 +49,7 @@ DRAW_PHRASES = {
     "seen": ["Draw {c}.", "Please draw {c}.", "Can you draw {c}?", "Make a picture of {c}.", "Show me {c}.",
              "Draw me {c}."],
     # the training verbs (draw, picture, show) in frames training never shows
-    "unseen_phrasing": ["I want you to draw {c}.", "Could you please make a picture of {c}?", "Show me {c}, please.",
+    "unseen_phrasing": ["I want you to draw {c}.", "Could you please make a picture of {c}?", "Please show me {c} now.",
                         "Now draw {c} for me."],
     # wording training never uses
     "unseen_paraphrase": ["Sketch {c}.", "Illustrate {c} for me.", "I'd love to see an image of {c}.", "Paint {c}."],
