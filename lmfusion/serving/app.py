@@ -179,6 +179,8 @@ class Routes:
         limit = body.max_completion_tokens or body.max_tokens
         if parsed.images and self.engine.model.is_vlm:
             return await self._answer(body, request, parsed, limit or self.settings.chat_tokens, temperature, top_p)
+        if parsed.images and chat.is_edit_instruction(parsed.question):
+            return await self._edit_in_chat(body, request, parsed)
         if parsed.images:
             return await self._caption(body, request, parsed, limit or self.settings.caption_tokens, temperature, top_p)
         prompt = self._check(self.engine.render_chat, parsed.messages, param="messages")
@@ -204,6 +206,21 @@ class Routes:
         tokens_in = len(images) * (self.engine.model.config.tokens_per_image + 2)
         usage = chat.usage(tokens_in, len(self.engine.tokenizer(text, add_special_tokens=False).input_ids))
         return self._reply(body, {"role": "assistant", "content": text}, "stop", usage)
+
+    async def _edit_in_chat(self, body, request, parsed):
+        """An image and an instruction to change it (text-LM base): one edit, as /v1/images/edits makes it."""
+        if len(parsed.images) > 1:
+            raise bad_request(f"{len(parsed.images)} images sent with an edit instruction; this model edits one image "
+                              "per request", "messages")
+        instruction = parsed.question.strip()
+        self._check(self.engine.check_image_prompt, instruction, param="messages")
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
+        guidance = body.guidance_scale if body.guidance_scale is not None else self.settings.guidance_scale
+        work = ImageWork(instruction, 1, seed, body.steps or self.settings.steps, guidance,
+                         self._scheduler(body.scheduler), parsed.images[0], self.settings.image_guidance_scale)
+        images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
+        message = await run_in_threadpool(chat.interleaved_message, images)
+        return self._reply(body, message, "stop", None)
 
     async def _answer(self, body, request, parsed, limit, temperature, top_p):
         images, question = parsed.image_bytes, parsed.question

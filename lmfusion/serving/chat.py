@@ -5,9 +5,14 @@ A request is answered in one of three ways, chosen by what it holds:
 - **answer** (VLM base, e.g. the llavafusion preset): the last user message carries images
   (`image_url` parts, as data URLs). The VLM reads the images and the message's text through
   its own understanding path and answers it (an image with no text is asked for a caption).
-- **caption** (text-LM base): the same kind of message. The reply is the model's caption of
-  each image (one per line); the message's text is not read: a model whose base is a text LM
-  was trained to caption, not to follow instructions about images.
+- **edit** (text-LM base): the same kind of message, with one image and text that asks to change
+  it ("make it blue", `is_edit_instruction`). The text is the edit instruction: the reply holds the
+  edited image in `message.images` (as interleaved replies do) and `[image 1]` as its content,
+  computed as `POST /v1/images/edits` computes it (the request's `seed`, `steps`, `guidance_scale`,
+  and the server's image guidance).
+- **caption** (text-LM base): the same kind of message otherwise. The reply is the model's
+  caption of each image (one per line); the message's text is not read: a text LM base was
+  trained to caption images and to edit them, not to answer questions about them.
 - **interleaved**: `modalities` includes "image". The model continues the conversation and may
   draw (it emits BOI). Drawn images are returned in `message.images` as
   `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (the shape image
@@ -25,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +41,17 @@ from .errors import bad_request
 from .schemas import Message
 
 IMAGE_MARKER = "[image {}]"
+# Verbs (and "should be/become") of the edit phrasings the editing data teaches (data/shapes_edits.py),
+# and their common synonyms. A question ("what colour is it?") asks about the image, not to change it.
+_EDIT_WORDS = re.compile(r"\b(make|change|turn|paint|recolou?r|resize|scale|move|shift|nudge|reshape|add|put|place|"
+                         r"insert|remove|delete|erase|take away|get rid of|replace|should (be|become))\b", re.I)
+_QUESTION_START = re.compile(r"^\s*(what|which|who|whom|whose|where|when|why|how|is|are|does|do|describe|caption)\b",
+                             re.I)
+
+
+def is_edit_instruction(text: str) -> bool:
+    """Whether a message's text asks to change its image: an edit verb, and not a question about it."""
+    return bool(text.strip()) and bool(_EDIT_WORDS.search(text)) and not _QUESTION_START.match(text)
 
 
 @dataclass
