@@ -47,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--test-fraction", type=float, default=0.1,
                       help="share written to test/, with unseen phrasings, paraphrases and questions (default 0.1)")
     chat.add_argument("--reply-tokens", type=int, default=48, help="most tokens of a stored base reply (default 48)")
-    chat.add_argument("--lead-in-tokens", type=int, default=12,
-                      help="most tokens of the base's own opening kept before an image (default 12; 0 = draw at once)")
+    chat.add_argument("--lead-in-tokens", type=int, default=0,
+                      help="most tokens of the base's own greedy opening kept before an image (default 0: BOI is the "
+                           "reply's first token)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     chat.set_defaults(func=_shapes_chat)
 

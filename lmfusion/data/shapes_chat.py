@@ -2,8 +2,8 @@
 
 Three kinds of example, in turn (index % 3):
 
-    draw       "Draw a small red circle."                 -> lead-in, [image]
-    draw_edit  "Draw a small red circle, then make it blue." -> lead-in, [image], [edited image]
+    draw       "Draw a small red circle."                 -> (lead-in), [image]
+    draw_edit  "Draw a small red circle, then make it blue." -> (lead-in), [image], [edited image]
     text       "How many sides does a triangle have?"     -> the BASE model's own greedy reply
 
 The second image of a draw_edit is the first one edited by the shapes-edits proposer, re-rendered
@@ -12,9 +12,12 @@ from the edited records, so both images have exact object records for the shapes
 Why the lead-in and the text replies come from the base model itself: the base vocabulary's
 logits are frozen, so a trained model's greedy text before its first image is whatever the base
 says. A lead-in written by hand ("Here is a small red circle:") would put BOI after text the model
-never produces at inference. The lead-in is therefore the base's own greedy opening of its reply
-(cut at the first line break or sentence end, at most `lead_in_tokens` tokens; 0 = draw straight
-away), and BOI is trained at the position where inference will actually be.
+never produces at inference. A lead-in is therefore the base's own greedy opening of its reply
+(cut at the first line break or sentence end, at most `lead_in_tokens` tokens), and BOI is trained
+at the position where inference will actually be. The default is no lead-in (0: BOI is the reply's
+first token, the decision made right after the request): SmolLM2-135M-Instruct's openings are often
+no lead-in at all ("Sketch a small red square at the top." -> "The sky is a canvas of endless
+possibilities."), and each costs a base generation per drawing request.
 
 The test split holds drawing requests in training phrasings (new scenes), in unseen phrasings
 (the training verbs in new frames) and in unseen paraphrases (wording training never uses), and
@@ -162,7 +165,7 @@ def make_request(seed: int, index: int, heldout: bool) -> dict[str, Any]:
 
 
 def generate_shapes_chat(out_dir: str | os.PathLike, count: int, base_model: str = "smollm2-135m", size: int = 64,
-                         seed: int = 0, test_fraction: float = 0.1, reply_tokens: int = 48, lead_in_tokens: int = 12,
+                         seed: int = 0, test_fraction: float = 0.1, reply_tokens: int = 48, lead_in_tokens: int = 0,
                          progress: bool = True, overwrite: bool = False) -> Path:
     """Write `count` conversations (the last round(count * test_fraction) form test/), with the
     base model's greedy replies and lead-ins computed once here. Published whole, as shapes-edits."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..utils import atomic_write_bytes
 
 from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, SAMPLER_NAMES as SCHEDULERS
+from ..data.shapes_chat import render_user_turn
 
 
 def register(subparsers) -> None:
@@ -107,6 +108,10 @@ def _add_chat(subparsers) -> None:
                         "about them through its own understanding path")
     p.add_argument("--out", required=True, help="folder for chat.md and its images")
     p.add_argument("--max-images", type=int, default=4, help="images per reply at most")
+    p.add_argument("--chat-template", action="store_true",
+                   help="send each prompt as a user turn in the base's chat template, as `task: chat` trains (use it "
+                        "with a chat-trained model such as the instruct preset's); each prompt is then its own "
+                        "one-turn conversation")
     _add_decoding_args(p, 256)
     _add_diffusion_args(p)
     p.set_defaults(func=run_chat)
@@ -190,13 +195,23 @@ def run_chat(args) -> int:
     if args.image:
         return _chat_about_images(args)
     transcript = MarkdownTranscript(args.out)
-    session = _load(args).chat(
-        max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
-        top_p=args.top_p, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-    )
+    pipe = _load(args)
+
+    def new_session():
+        return pipe.chat(
+            max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+            scheduler=args.scheduler,
+        )
+
+    session = new_session()
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for prompt in prompts:
-        parts = session.send(prompt)
+        if args.chat_template:  # a rendered turn opens the template's conversation: one session per turn
+            session = new_session()
+            parts = session.send(render_user_turn(pipe.model.tokenizer, prompt))
+        else:
+            parts = session.send(prompt)
         saved = transcript.add_turn(prompt, parts)
         reply = "".join(p if isinstance(p, str) else f"[image {saved.pop(0)}]" for p in parts)
         print(reply, flush=True)

@@ -128,7 +128,8 @@ def open_chat_store(config, codec, say=print) -> ChatLatents:
             store.cache_path = path
             drop_superseded(path, meta)
     if config.chat_edit_ratio > 0:
-        store.edits = open_edit_store(config.replace(data=config.chat_edit_data, task="edit"), codec, say)
+        edit_config = config.replace(data=config.chat_edit_data, task="edit", chat_edit_data="", chat_edit_ratio=0.0)
+        store.edits = open_edit_store(edit_config, codec, say)
     return store
 
 

@@ -93,9 +93,13 @@ def print_epilogue(config: TrainConfig, summary: dict) -> None:
     if config.sample_every:
         print(f"samples:      {run}/samples/")
     print(f"tensorboard:  tensorboard --logdir {run}/tensorboard")
+    from .chat_data import wants_chat_data
     from .edit_data import wants_edit_data
 
-    if wants_edit_data(config):
+    if wants_chat_data(config):
+        print(f"chat:         lmfusion chat --checkpoint {run} --chat-template --prompt 'Draw a small red circle.' --out chat/")
+        print(f"evaluate:     lmfusion eval --task chat --checkpoint {run} --data {config.data}")
+    elif wants_edit_data(config):
         print(f"edit:         lmfusion edit --checkpoint {run} --image in.png --prompt 'make the red circle blue' --out out.png")
         print(f"evaluate:     lmfusion eval --task edit --checkpoint {run} --data {config.data}")
     else:

@@ -383,6 +383,27 @@ PRESETS["edit"] = dict(
 )
 
 
+# Editing plus chat (issue 16 items 3-4): the edit preset's model and recipe on shapes-chat
+# conversations (3,000: one-image, two-image and text-only requests in turn; the text replies are
+# SmolLM2-135M-Instruct's own greedy ones, generated once at data time), half of the examples edits
+# from 8,000 shapes-edits triples. It starts from a quickstart run (init_from), so drawing and
+# captioning are there and the run learns when to draw and how to edit. Defined, not yet run or
+# timed: generating the chat set's base replies took 93.8 s for 9 rows on the shared 2-core VM
+# while another training ran (lmfusion data shapes-chat caches one reply per distinct question).
+PRESETS["instruct"] = dict(
+    PRESETS["edit"],
+    name="instruct",
+    data="data/shapes_chat",
+    generate_shapes_chat=3000,
+    task="chat",
+    chat_edit_data="data/shapes_edits",
+    generate_shapes_edits=8000,  # at chat_edit_data, when a chat run asks for it
+    chat_edit_ratio=0.5,
+    max_steps=800,
+    sample_every=0,  # chat runs write no sample grid; `lmfusion eval --task chat` measures them
+)
+
+
 def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults <- preset <- YAML file <- overrides (flags)."""
     values: dict = {}

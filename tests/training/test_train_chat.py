@@ -74,3 +74,25 @@ def test_a_briefly_trained_model_draws_when_asked_and_not_for_a_question(make_co
     with torch.no_grad():
         assert all(boi_beats_text(model, u) for u in draws), draws
         assert not any(boi_beats_text(model, u) for u in questions), questions
+
+
+def test_an_instruct_style_run_makes_both_sets_and_mixes_edits_in(make_config, tmp_path):
+    config = make_config(data=str(tmp_path / "chat"), generate_shapes_chat=6, task="chat",
+                         chat_edit_data=str(tmp_path / "edits"), generate_shapes_edits=6, chat_edit_ratio=0.5,
+                         max_steps=2, batch_size=4, probe_every=5, sample_every=1)
+    summary = train(config)
+    assert (tmp_path / "chat" / "train" / "chat.jsonl").is_file() and (tmp_path / "edits" / "train").is_dir()
+    log = (config.run_dir / "train.log").read_text()
+    assert "mixed with 5 editing triples" in log and "probes: skipped for chat data" in log
+    assert "no sample grid for chat data" in log
+    assert torch.isfinite(torch.tensor(summary["final"]["loss"]))
+
+
+def test_the_instruct_preset_trains_chat_and_edits_from_the_quickstart():
+    from lmfusion.training import load_config
+
+    config = load_config("instruct")
+    assert (config.task, config.init_from, config.chat_edit_ratio) == ("chat", "runs/quickstart", 0.5)
+    assert config.generate_shapes_chat > 0 and config.generate_shapes_edits > 0 and config.chat_edit_data
+    with pytest.raises(ValueError, match="chat_edit_ratio .* needs chat_edit_data"):
+        load_config("instruct", overrides={"chat_edit_data": ""})
