@@ -52,28 +52,27 @@ def test_planner_mixes_edits_into_chat_at_the_given_ratio():
     assert set(kinds) == {"chat", "edit"} and 0.26 < kinds.count("edit") / len(kinds) < 0.34
 
 
-def boi_beats_text(model, user: str) -> bool:
-    """Greedy with BOI allowed picks BOI as the reply's first token."""
-    context = Context.from_tokens(model, [user_turn_ids(model.tokenizer, user)])
-    return int(context.logits[0].argmax()) == model.boi_token_id
+def boi_wins(model, users: list[str]) -> list[bool]:
+    """Per user turn: greedy with BOI allowed picks BOI as the reply's first token (one left-padded batch)."""
+    with torch.no_grad():
+        context = Context.from_tokens(model, [user_turn_ids(model.tokenizer, u) for u in users], use_cache=False)
+    return (context.logits.argmax(-1) == model.boi_token_id).tolist()
 
 
 def test_a_briefly_trained_model_draws_when_asked_and_not_for_a_question(make_config, chat_data, peaky_base):
-    config = make_config(data=str(chat_data), task="chat", base_model=str(peaky_base), max_steps=120, batch_size=8,
-                         lr=1e-2, min_lr=1e-2, warmup_steps=0, probe_every=0)
+    config = make_config(data=str(chat_data), task="chat", base_model=str(peaky_base), max_steps=60, batch_size=8,
+                         lr=2e-2, min_lr=2e-2, warmup_steps=0, probe_every=0)
     untrained, _ = build_model(config)
     rows = read_chat_rows(chat_data / "train" / "chat.jsonl")
-    with torch.no_grad():  # before training the BOI row is an "average token": it never wins
-        assert not any(boi_beats_text(untrained, r["user"]) for r in rows)
+    assert not any(boi_wins(untrained, [r["user"] for r in rows]))  # the BOI row starts as an "average token"
     train(config)
     model = LMFusionModel.from_pretrained(resolve_checkpoint(str(config.run_dir))).eval()
     draws = [r["user"] for r in rows if r["kind"] != "text"]
     questions = [r["user"] for r in rows if r["kind"] == "text"]
     assert draws and questions  # the tiny random base reads too little to generalise to unseen wording; the
     # held-out split is what `lmfusion eval --task chat` measures on a real base
-    with torch.no_grad():
-        assert all(boi_beats_text(model, u) for u in draws), draws
-        assert not any(boi_beats_text(model, u) for u in questions), questions
+    assert all(boi_wins(model, draws)), draws
+    assert not any(boi_wins(model, questions)), questions
 
 
 def test_an_instruct_style_run_makes_both_sets_and_mixes_edits_in(make_config, tmp_path):
