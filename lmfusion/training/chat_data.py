@@ -48,14 +48,20 @@ class ChatLatents:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _mixed_edits(self) -> EditLatents:
+        if self.edits is None:
+            raise ValueError("this chat set has no editing triples mixed in (chat_edit_data / chat_edit_ratio); "
+                             "chat rows are read by row, through chat_latents")
+        return self.edits
+
     def caption(self, record: int) -> str:
-        return self.edits.caption(record)
+        return self._mixed_edits().caption(record)
 
     def latents(self, indices) -> torch.Tensor:
-        return self.edits.latents(indices)
+        return self._mixed_edits().latents(indices)
 
     def source_latents(self, indices) -> torch.Tensor:
-        return self.edits.source_latents(indices)
+        return self._mixed_edits().source_latents(indices)
 
     def chat_latents(self, indices) -> torch.Tensor:
         """Latents by row of `images` (BatchSource asks with the numbers of `image_rows`)."""
