@@ -224,7 +224,9 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         if config.compile:  # after activation checkpointing (build_model), before FSDP (wrap_model)
             compile_layers(model)
         # Wrap first: FSDP replaces the parameters with shards, which the optimizer must hold.
-        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0, parallel=config.parallel)
+        # a micro-batch of only text rows leaves the image modules unused (text-only examples; chat's text replies)
+        wrapped = wrap_model(model, info, find_unused=config.text_only_ratio > 0 or getattr(data, "is_chat", False),
+                             parallel=config.parallel)
         sharded = is_sharded(model)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
