@@ -17,8 +17,14 @@ FIELD_HELP: dict[str, str] = {
     "data": "dataset folder or file of images + captions",
     "generate_shapes": "> 0: create a shapes dataset of this many images at `data` if it is missing",
     "shapes_two_object_prob": "share of generated shapes scenes with two objects (else one)",
-    "generate_shapes_edits": "> 0: create a shapes editing set of this many triples at `data` if it is missing",
-    "task": "auto | caption | edit: what `data` holds (auto: editing triples when it has an edits.jsonl)",
+    "generate_shapes_edits": "> 0: create a shapes editing set of this many triples at `data` (with task chat: at "
+                             "`chat_edit_data`) if it is missing",
+    "generate_shapes_chat": "> 0: create a shapes chat set of this many conversations at `data` if it is missing "
+                            "(its text replies are the base model's own)",
+    "task": "auto | caption | edit | chat: what `data` holds (auto: editing triples when it has an edits.jsonl, "
+            "conversations when it has a chat.jsonl)",
+    "chat_edit_data": "task chat: an editing set (shapes-edits layout) mixed into the conversations",
+    "chat_edit_ratio": "task chat: share of examples that are edits from chat_edit_data",
     "edit_dropout": "editing: share of examples whose instruction, source, or both are dropped, each (two-way guidance)",
     "init_from": "run, checkpoint or model folder whose adapter weights are loaded before step 0 ('' = fresh)",
     "max_text_tokens": "captions are cut to this many tokens",
