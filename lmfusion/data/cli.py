@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--lead-in-tokens", type=int, default=0,
                       help="most tokens of the base's own greedy opening kept before an image (default 0: BOI is the "
                            "reply's first token)")
+    chat.add_argument("--device", default="cpu", help="device the base model generates its replies on, e.g. cuda "
+                      "(default cpu)")
     chat.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     chat.set_defaults(func=_shapes_chat)
 
@@ -95,7 +97,7 @@ def _shapes_chat(args: argparse.Namespace) -> int:
 
     out = generate_shapes_chat(args.out, args.count, base_model=args.base_model, size=args.size, seed=args.seed,
                                test_fraction=args.test_fraction, reply_tokens=args.reply_tokens,
-                               lead_in_tokens=args.lead_in_tokens, overwrite=args.overwrite)
+                               lead_in_tokens=args.lead_in_tokens, overwrite=args.overwrite, device=args.device)
     print(f"wrote {args.count} shapes chats to {out}")
     return 0
 

@@ -104,7 +104,7 @@ class BaseReplies:
         """(new ids without the stop id, whether the base stopped by itself)."""
         key = (user, max_new_tokens)
         if key not in self.cache:
-            ids = torch.tensor([user_turn_ids(self.tokenizer, user)])
+            ids = torch.tensor([user_turn_ids(self.tokenizer, user)], device=self.model.device)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos, default=0)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad)[0, ids.shape[1]:].tolist()
@@ -166,7 +166,7 @@ def make_request(seed: int, index: int, heldout: bool) -> dict[str, Any]:
 
 def generate_shapes_chat(out_dir: str | os.PathLike, count: int, base_model: str = "smollm2-135m", size: int = 64,
                          seed: int = 0, test_fraction: float = 0.1, reply_tokens: int = 48, lead_in_tokens: int = 0,
-                         progress: bool = True, overwrite: bool = False) -> Path:
+                         progress: bool = True, overwrite: bool = False, device: str = "cpu") -> Path:
     """Write `count` conversations (the last round(count * test_fraction) form test/), with the
     base model's greedy replies and lead-ins computed once here. Published whole, as shapes-edits."""
     from ..base_models import load_text_model  # loads torch weights: only when generating
@@ -181,7 +181,7 @@ def generate_shapes_chat(out_dir: str | os.PathLike, count: int, base_model: str
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     text_model, tokenizer = load_text_model(base_model)
-    replies = BaseReplies(text_model.eval(), tokenizer, reply_tokens, lead_in_tokens)
+    replies = BaseReplies(text_model.to(device).eval(), tokenizer, reply_tokens, lead_in_tokens)
     n_test = int(round(count * test_fraction))
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = staging_directory(out)
