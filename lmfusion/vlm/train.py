@@ -46,10 +46,10 @@ class TinyLlavaRecipe:
     tower_heads: int = 4
     train_seed: int = 0  # shapes seed of the training scenes; evaluate on another
     train_scenes: int = 3000
-    pretrain_steps: int = 400  # stage 0 (tower alone); 0 skips it
-    pretrain_batch_size: int = 64
+    pretrain_steps: int = 800  # stage 0 (tower alone); 0 skips it
+    pretrain_batch_size: int = 32
     pretrain_lr: float = 1e-3
-    steps: int = 150  # stage 1 (through the frozen LM)
+    steps: int = 300  # stage 1 (through the frozen LM)
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 10
@@ -90,26 +90,46 @@ def _attribute_labels(scenes: Sequence[Scene]) -> torch.Tensor:
 
 
 def pretrain_tower(vlm: LlavaForConditionalGeneration, pixels: torch.Tensor, scenes: Sequence[Scene],
-                   recipe: TinyLlavaRecipe, generator: torch.Generator, progress: bool = True) -> list[float]:
-    """Stage 0: mean-pooled tower features -> linear attribute heads; returns the logged losses."""
+                   recipe: TinyLlavaRecipe, generator: torch.Generator, progress: bool = True) -> dict[str, Any]:
+    """Stage 0: mean-pooled tower features -> linear attribute heads.
+
+    The last tenth of the scenes is kept out of this stage, and the heads' accuracy on it is
+    returned with the logged losses: it says whether the tower sees the attributes before the
+    language model is involved.
+    """
     tower = vlm.model.vision_tower
     classes = (len(COLOURS), len(SHAPES), len(SIZES), GRID * GRID)
     heads = torch.nn.ModuleList(torch.nn.Linear(recipe.tower_hidden, n) for n in classes)
     labels = _attribute_labels(scenes)
+    held = max(1, len(scenes) // 10) if len(scenes) > 1 else 0
+    fit = len(scenes) - held
+
+    def logits(index: torch.Tensor) -> list[torch.Tensor]:
+        # The features Llava reads (hidden_states[-1], vision_feature_layer=-1), pooled over patches.
+        features = tower(pixels[index], output_hidden_states=True).hidden_states[-1].mean(1)
+        return [head(features) for head in heads]
+
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=recipe.pretrain_lr)
     losses = []
     tower.train()
     for step in tqdm(range(recipe.pretrain_steps), desc="tower", disable=not progress):
-        index = torch.randint(len(scenes), (recipe.pretrain_batch_size,), generator=generator)
-        # The features Llava reads (hidden_states[-1], vision_feature_layer=-1), pooled over patches.
-        features = tower(pixels[index], output_hidden_states=True).hidden_states[-1].mean(1)
-        loss = sum(torch.nn.functional.cross_entropy(head(features), labels[index, k]) for k, head in enumerate(heads))
+        for group in optimizer.param_groups:  # a fresh tower diverges at full lr from step 0
+            group["lr"] = lr_at(step, recipe.pretrain_lr, recipe.pretrain_steps, recipe.warmup_steps)
+        index = torch.randint(fit, (recipe.pretrain_batch_size,), generator=generator)
+        loss = sum(torch.nn.functional.cross_entropy(out, labels[index, k]) for k, out in enumerate(logits(index)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % recipe.log_every == 0 or step == recipe.pretrain_steps - 1:
             losses.append(loss.item())
-    return losses
+    tower.eval()
+    accuracy = {}
+    if held:
+        with torch.no_grad():
+            outs = logits(torch.arange(fit, len(scenes)))
+        accuracy = {name: float((out.argmax(-1) == labels[fit:, k]).float().mean())
+                    for k, (name, out) in enumerate(zip(("colour", "shape", "size", "cell"), outs))}
+    return {"losses": losses, "validation_accuracy": accuracy, "validation_scenes": held}
 
 
 def _sample_kinds(scenes: Sequence[Scene], index: torch.Tensor, recipe: TinyLlavaRecipe,
@@ -125,12 +145,12 @@ def _sample_kinds(scenes: Sequence[Scene], index: torch.Tensor, recipe: TinyLlav
     return kinds
 
 
-def _lr_at(step: int, recipe: TinyLlavaRecipe) -> float:
+def lr_at(step: int, peak: float, steps: int, warmup: int) -> float:
     """Linear warm-up, then cosine to a tenth of the peak."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_answers(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor, pixels: torch.Tensor,
@@ -146,7 +166,7 @@ def train_answers(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor,
     bar = tqdm(range(recipe.steps), desc="answers", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, recipe)
+            group["lr"] = lr_at(step, recipe.lr, recipe.steps, recipe.warmup_steps)
         index = torch.randint(len(scenes), (recipe.batch_size,), generator=generator)
         kinds = _sample_kinds(scenes, index, recipe, generator)
         answers = [answer(kind, scenes[i].objects, scenes[i].relation) for kind, i in zip(kinds, index.tolist())]
@@ -160,7 +180,7 @@ def train_answers(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor,
             losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3f}")
             if on_log:
-                on_log({"step": step + 1, "loss": mean, "lr": _lr_at(step, recipe)})
+                on_log({"step": step + 1, "loss": mean, "lr": optimizer.param_groups[0]["lr"]})
             window = []
     vlm.eval()
     return losses
@@ -185,14 +205,14 @@ def build_tiny_llava(out: str | Path, recipe: TinyLlavaRecipe, data: str | Path 
     language_hash = weights_hash(vlm.model.language_model)
     pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
     log: list[dict] = []
-    tower_losses = pretrain_tower(vlm, pixels, scenes, recipe, generator, progress) if recipe.pretrain_steps else []
+    tower = pretrain_tower(vlm, pixels, scenes, recipe, generator, progress) if recipe.pretrain_steps else {}
     stage0_s = time.perf_counter() - started
     answer_losses = train_answers(vlm, processor, pixels, scenes, recipe, generator, progress, log.append)
     if weights_hash(vlm.model.language_model) != language_hash:
         raise RuntimeError("the language model's weights changed during training")  # a bug, not a user error
     record = {
         "recipe": dataclasses.asdict(recipe), "data": str(data) if data else f"shapes seed {recipe.train_seed}",
-        "language_model_hash": language_hash, "tower_losses": tower_losses, "answer_log": log,
+        "language_model_hash": language_hash, "tower": tower, "answer_log": log,
         "first_answer_loss": answer_losses[0], "final_answer_loss": answer_losses[-1],
         "stage0_seconds": round(stage0_s, 1), "train_seconds": round(time.perf_counter() - started, 1),
     }
