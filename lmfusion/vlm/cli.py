@@ -14,6 +14,7 @@ _BUILD_FLAGS = {
     "--steps": ("steps", "stage-1 optimizer steps (answers through the frozen LM)"),
     "--batch-size": ("batch_size", "stage-1 examples per step"),
     "--lr": ("lr", "stage-1 peak learning rate (AdamW, warm-up then cosine to a tenth)"),
+    "--tower-lr-scale": ("tower_lr_scale", "stage-1 tower learning rate as a share of --lr (0 = frozen)"),
     "--pretrain-steps": ("pretrain_steps", "stage-0 steps of the tower alone on attribute labels (0 = skip)"),
     "--train-scenes": ("train_scenes", "number of training scenes (generated, or read from --data)"),
     "--train-seed": ("train_seed", "shapes seed of the generated training scenes (evaluate on another)"),

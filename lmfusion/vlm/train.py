@@ -4,8 +4,8 @@ Two stages, both on the training scenes only:
   0. the tower alone learns to name each attribute (colour, shape, size, grid cell) through
      small linear heads that are then thrown away: a cheap stand-in for the pretrained CLIP or
      SigLIP tower LLaVA starts from, which cannot be downloaded here. It costs seconds;
-  1. tower and projector learn to answer through the frozen language model, with the loss on
-     answer tokens only, in SmolLM2's chat template.
+  1. the projector (and the tower, if tower_lr_scale > 0) learns to answer through the frozen
+     language model, with the loss on answer tokens only, in SmolLM2's chat template.
 The language model's weights are never given to the optimizer and their hash is checked after
 training, so the VLM's text behaviour is SmolLM2's.
 """
@@ -28,7 +28,7 @@ from ..base_models import DEFAULT_BASE_MODEL, weights_hash
 from ..data.shapes import COLOURS, GRID, SHAPES, SIZES, cell_of
 from ..utils import atomic_directory
 from .batches import PrefixCache, PromptEncoder, answer_loss
-from .build import TowerSpec, build_vlm, language_parameters, vision_parameters
+from .build import TowerSpec, build_vlm, language_parameters
 from .questions import Scene, answer, folder_scenes, generated_scenes, kinds_for
 
 RECIPE_FILE = "tiny_llava.json"  # beside the HF files: how the folder was made, and the LM's hash
@@ -49,9 +49,12 @@ class TinyLlavaRecipe:
     pretrain_steps: int = 800  # stage 0 (tower alone); 0 skips it
     pretrain_batch_size: int = 32
     pretrain_lr: float = 1e-3
-    steps: int = 300  # stage 1 (through the frozen LM)
+    steps: int = 400  # stage 1 (through the frozen LM)
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3  # the projector's; measured at 1e-3 the answers still lagged what the tower knew
+    # Stage-1 tower lr as a share of `lr`; 0 freezes it, as LLaVA's stage 1 does. At 1.0 a linear
+    # probe's held-out shape accuracy fell from 1.00 (after stage 0) to 0.78.
+    tower_lr_scale: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.0
     caption_share: float = 0.4  # of stage-1 examples; the rest split evenly over the short questions
@@ -71,6 +74,8 @@ class TinyLlavaRecipe:
             raise ValueError(f"caption_share must be in [0, 1], got {self.caption_share}")
         if self.lr <= 0 or self.pretrain_lr <= 0:
             raise ValueError("lr and pretrain_lr must be positive")
+        if self.tower_lr_scale < 0:
+            raise ValueError(f"tower_lr_scale must be >= 0 (0 freezes the tower in stage 1), got {self.tower_lr_scale}")
         self.tower.validate()
 
     @property
@@ -159,14 +164,18 @@ def train_answers(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor,
     """Stage 1: answer-token loss through the frozen LM; returns the logged losses."""
     encoder = PromptEncoder(processor, recipe.tower.image_tokens, recipe.image_size)
     cache = PrefixCache(vlm, encoder.prefix)
-    trainable = vision_parameters(vlm)
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    tower = vlm.model.vision_tower
+    tower.requires_grad_(recipe.tower_lr_scale > 0)
+    groups = [{"params": list(vlm.model.multi_modal_projector.parameters()), "scale": 1.0}]
+    if recipe.tower_lr_scale > 0:
+        groups.append({"params": list(tower.parameters()), "scale": recipe.tower_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     vlm.train()
     losses, window = [], []
     bar = tqdm(range(recipe.steps), desc="answers", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, recipe.lr, recipe.steps, recipe.warmup_steps)
+            group["lr"] = group["scale"] * lr_at(step, recipe.lr, recipe.steps, recipe.warmup_steps)
         index = torch.randint(len(scenes), (recipe.batch_size,), generator=generator)
         kinds = _sample_kinds(scenes, index, recipe, generator)
         answers = [answer(kind, scenes[i].objects, scenes[i].relation) for kind, i in zip(kinds, index.tolist())]
@@ -183,6 +192,7 @@ def train_answers(vlm: LlavaForConditionalGeneration, processor: LlavaProcessor,
                 on_log({"step": step + 1, "loss": mean, "lr": optimizer.param_groups[0]["lr"]})
             window = []
     vlm.eval()
+    tower.requires_grad_(True)
     return losses
 
 
