@@ -21,6 +21,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, Processor
 from ..base_models import load_text_model
 from ..data.shapes import cell_of
 from ..data.shapes_oracle import parse_shapes_caption
+from .batches import chat_prompt
 from .questions import QUESTIONS, Scene, answer, kinds_for
 
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -39,16 +40,11 @@ def load_vlm(folder: str | Path) -> tuple[LlavaForConditionalGeneration, Process
     return model, processor
 
 
-def chat_text(processor: ProcessorMixin, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 @torch.no_grad()
 def ask(model: LlavaForConditionalGeneration, processor: ProcessorMixin, images: Sequence[Image.Image],
         question: str, batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> list[str]:
     """Greedy answers to one question about each image."""
-    text = chat_text(processor, question)
+    text = chat_prompt(processor, question)
     replies: list[str] = []
     for start in tqdm(range(0, len(images), batch_size), desc=question, disable=not progress):
         chunk = list(images[start : start + batch_size])
