@@ -100,8 +100,13 @@ def pretrain_tower(vlm: LlavaForConditionalGeneration, pixels: torch.Tensor, sce
 
     The last tenth of the scenes is kept out of this stage, and the heads' accuracy on it is
     returned with the logged losses: it says whether the tower sees the attributes before the
-    language model is involved.
+    language model is involved. Only single-object scenes have one colour, shape and size to
+    learn, so two-object scenes (from a --data folder) sit this stage out.
     """
+    single = [i for i, scene in enumerate(scenes) if len(scene.objects) == 1]
+    if not single:
+        raise ValueError("stage 0 needs single-object scenes and the data has none; pass --pretrain-steps 0")
+    scenes, pixels = [scenes[i] for i in single], pixels[single]
     tower = vlm.model.vision_tower
     classes = (len(COLOURS), len(SHAPES), len(SIZES), GRID * GRID)
     heads = torch.nn.ModuleList(torch.nn.Linear(recipe.tower_hidden, n) for n in classes)

@@ -45,3 +45,13 @@ def test_bad_input_is_one_line(tiny_vlm, tmp_path, capsys):
     assert "--count" in _error(capsys, ["vlm", "eval", "--vlm", str(folder), "--count", "0"])
     assert "not found" in _error(capsys, ["vlm", "build", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none"),
                                           "--base-model", str(tmp_path)])
+
+
+def test_build_trains_on_a_shapes_folder_with_two_object_scenes(peaky_base, tmp_path, capsys):
+    from lmfusion.data.shapes import generate_shapes_dataset
+
+    data = generate_shapes_dataset(tmp_path / "shapes", 8, seed=4, progress=False, two_object_prob=0.5)
+    out = tmp_path / "vlm"
+    assert cli.main(["vlm", "build", "--out", str(out), "--data", str(data), "--base-model", str(peaky_base),
+                     *TINY_BUILD]) == 0
+    assert json.loads((out / "tiny_llava.json").read_text())["data"] == str(data)
