@@ -2,8 +2,9 @@
 
 Every training prompt starts with the same tokens (the template's system turn and the opening of
 the user turn, up to the image). The language model is frozen, so their keys and values never
-change: they are computed once (`PrefixCache`) and each step runs only the rest of the sequence,
-which on 2 CPU cores is most of the step's cost saved for the ~40% of tokens they are.
+change: they are computed once (`PrefixCache`) and each step runs only the rest of the sequence.
+With SmolLM2 the prefix is 24 tokens of a 53-62 token example (prompt 51-53, answer 2-9), so
+this skips about 40% of each step's tokens.
 """
 
 from __future__ import annotations

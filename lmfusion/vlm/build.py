@@ -148,5 +148,5 @@ def language_parameters(vlm: LlavaForConditionalGeneration) -> list[torch.nn.Par
 
 
 def vision_parameters(vlm: LlavaForConditionalGeneration) -> list[torch.nn.Parameter]:
-    """What training moves: the vision tower and the projector."""
+    """What training may move: the tower (stage 0; stage 1 only with tower_lr_scale > 0) and the projector."""
     return list(vlm.model.vision_tower.parameters()) + list(vlm.model.multi_modal_projector.parameters())

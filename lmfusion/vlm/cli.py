@@ -14,6 +14,7 @@ _BUILD_FLAGS = {
     "--steps": ("steps", "stage-1 optimizer steps (answers through the frozen LM)"),
     "--batch-size": ("batch_size", "stage-1 examples per step"),
     "--lr": ("lr", "stage-1 peak learning rate (AdamW, warm-up then cosine to a tenth)"),
+    "--tower-lr-scale": ("tower_lr_scale", "stage-1 tower learning rate as a share of --lr (0 = frozen)"),
     "--pretrain-steps": ("pretrain_steps", "stage-0 steps of the tower alone on attribute labels (0 = skip)"),
     "--train-scenes": ("train_scenes", "number of training scenes (generated, or read from --data)"),
     "--train-seed": ("train_seed", "shapes seed of the generated training scenes (evaluate on another)"),
@@ -50,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "must differ from the training seed)")
     evaluate.add_argument("--count", type=int, default=200, help="number of held-out single-object scenes (default 200)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=24,
+                          help="answer length limit in tokens (default 24; the longest caption is about 12)")
     evaluate.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     evaluate.add_argument("--out", default=None, help="also write the full report (with examples) to this JSON file")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,19 +81,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .questions import generated_scenes
     from .train import RECIPE_FILE
 
-    if args.count < 1 or args.batch_size < 1:
-        raise ValueError(f"--count and --batch-size must be at least 1, got {args.count} and {args.batch_size}")
+    for flag in ("count", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     recipe_file = Path(args.vlm) / RECIPE_FILE
-    if recipe_file.is_file():
-        recipe = json.loads(recipe_file.read_text())["recipe"]
-        if recipe.get("train_seed") == args.seed:
-            raise ValueError(f"--seed {args.seed} is the seed {args.vlm} was trained on; pick a held-out seed")
+    recipe = json.loads(recipe_file.read_text())["recipe"] if recipe_file.is_file() else {}
+    if recipe.get("train_seed") == args.seed:
+        raise ValueError(f"--seed {args.seed} is the seed {args.vlm} was trained on; pick a held-out seed")
     torch.set_num_threads(args.threads)
     image_size = json.loads((Path(args.vlm) / "config.json").read_text())["vision_config"]["image_size"] \
         if (Path(args.vlm) / "config.json").is_file() else 64
     scenes = generated_scenes(args.seed, args.count, image_size)
     started = time.perf_counter()
-    report = evaluate_vlm(args.vlm, scenes, batch_size=args.batch_size, progress=not args.no_progress)
+    report = evaluate_vlm(args.vlm, scenes, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          progress=not args.no_progress, base_model=recipe.get("base_model"))
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(format_report(report))
     print(f"evaluated in {report['seconds']:.0f} s")

@@ -18,11 +18,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
 
+from ..base_models import load_text_model
 from ..data.shapes import cell_of
 from ..data.shapes_oracle import parse_shapes_caption
+from .batches import chat_prompt
 from .questions import QUESTIONS, Scene, answer, kinds_for
 
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "position")
+TEXT_PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, a small red circle")
 
 
 def load_vlm(folder: str | Path) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
@@ -37,16 +40,11 @@ def load_vlm(folder: str | Path) -> tuple[LlavaForConditionalGeneration, Process
     return model, processor
 
 
-def chat_text(processor: ProcessorMixin, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 @torch.no_grad()
 def ask(model: LlavaForConditionalGeneration, processor: ProcessorMixin, images: Sequence[Image.Image],
         question: str, batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> list[str]:
     """Greedy answers to one question about each image."""
-    text = chat_text(processor, question)
+    text = chat_prompt(processor, question)
     replies: list[str] = []
     for start in tqdm(range(0, len(images), batch_size), desc=question, disable=not progress):
         chunk = list(images[start : start + batch_size])
@@ -85,18 +83,21 @@ def score_answers(replies: dict[str, list[str]], scenes: Sequence[Scene]) -> dic
     return result
 
 
-def evaluate_vlm(folder: str | Path, scenes: Sequence[Scene], batch_size: int = 16, progress: bool = True,
-                 examples: int = 5) -> dict[str, Any]:
-    """Answers, accuracy and both blind baselines on `scenes` (single-object scenes ask every question)."""
+def evaluate_vlm(folder: str | Path, scenes: Sequence[Scene], batch_size: int = 16, max_new_tokens: int = 24,
+                 progress: bool = True, examples: int = 5, base_model: str | None = None) -> dict[str, Any]:
+    """Answers, accuracy and both blind baselines on `scenes` (single-object scenes ask every question).
+
+    With `base_model`, also how far the VLM's text-only logits are from that text LM's.
+    """
     if not scenes:
         raise ValueError("no scenes to evaluate")
     kinds = [k for k in QUESTIONS if all(k in kinds_for(s) for s in scenes)]
     model, processor = load_vlm(folder)
     images = [s.image for s in scenes]
-    replies = {k: ask(model, processor, images, QUESTIONS[k], batch_size, progress=progress) for k in kinds}
+    replies = {k: ask(model, processor, images, QUESTIONS[k], batch_size, max_new_tokens, progress) for k in kinds}
     # The VLM shown nothing: one blank image gives one answer per question, the same for every scene.
     blank = Image.new("RGB", images[0].size, "white")
-    blank_replies = {k: ask(model, processor, [blank], QUESTIONS[k])[0] for k in kinds}
+    blank_replies = {k: ask(model, processor, [blank], QUESTIONS[k], max_new_tokens=max_new_tokens)[0] for k in kinds}
     references = {k: [answer(k, s.objects, s.relation) for s in scenes] for k in kinds}
     majority = {k: Counter(refs).most_common(1)[0][0] for k, refs in references.items()}
     report = {
@@ -109,7 +110,23 @@ def evaluate_vlm(folder: str | Path, scenes: Sequence[Scene], batch_size: int = 
         "examples": [{"question": QUESTIONS[k], "reply": replies[k][i], "reference": references[k][i]}
                      for i in range(min(examples, len(scenes))) for k in kinds],
     }
+    if base_model is not None:
+        report["text_logits_max_abs_difference"] = text_logits_difference(model, processor, base_model)
     return report
+
+
+@torch.no_grad()
+def text_logits_difference(model: LlavaForConditionalGeneration, processor: ProcessorMixin, base_model: str,
+                           prompts: Sequence[str] = TEXT_PROMPTS) -> float:
+    """Largest |VLM - base| logit over text-only prompts, on the base's vocabulary (0.0: identical)."""
+    text_model, _ = load_text_model(base_model)
+    vocab = text_model.get_output_embeddings().weight.shape[0]
+    worst = 0.0
+    for prompt in prompts:
+        ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+        mine = model(input_ids=ids).logits[..., :vocab]
+        worst = max(worst, float((mine - text_model(input_ids=ids).logits).abs().max()))
+    return worst
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -124,4 +141,6 @@ def format_report(report: dict[str, Any]) -> str:
         blank = report["blank_image"]["caption_attributes"]
         lines.append("caption attributes (VLM / blank image): " + ", ".join(
             f"{a} {attributes[a]:.3f} / {blank[a]:.3f}" for a in CAPTION_ATTRIBUTES))
+    if "text_logits_max_abs_difference" in report:
+        lines.append(f"text-only logits vs the base LM: max |difference| {report['text_logits_max_abs_difference']:.3g}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlm_helpers import tiny_recipe
 
@@ -24,3 +25,12 @@ def peaky_base(tmp_path_factory) -> Path:
     from lmfusion.testing import save_peaky_base
 
     return save_peaky_base(tmp_path_factory.mktemp("peaky"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids oversubscribing a shared CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

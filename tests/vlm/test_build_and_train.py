@@ -14,7 +14,7 @@ from lmfusion.vlm.batches import PrefixCache, PromptEncoder, answer_loss
 from lmfusion.vlm.build import build_vlm, language_parameters, vision_parameters
 from lmfusion.vlm.evaluate import ask, load_vlm
 from lmfusion.vlm.questions import QUESTIONS, answer, generated_scenes
-from lmfusion.vlm.train import RECIPE_FILE
+from lmfusion.vlm.train import RECIPE_FILE, train_answers
 
 from vlm_helpers import tiny_recipe
 
@@ -99,3 +99,16 @@ def test_ask_answers_each_image_and_missing_folders_are_named(tiny_vlm, tmp_path
     assert len(ask(model, processor, images, QUESTIONS["colour"], batch_size=2, max_new_tokens=2)) == 3
     with pytest.raises(FileNotFoundError, match="no VLM folder"):
         load_vlm(tmp_path / "nothing")
+
+
+def test_stage_one_moves_only_the_projector_when_the_tower_is_frozen(tiny_base):
+    recipe = tiny_recipe(tiny_base, tower_lr_scale=0.0, steps=2)
+    vlm, processor = build_vlm(str(tiny_base), recipe.tower)
+    for parameter in language_parameters(vlm):
+        parameter.requires_grad_(False)
+    tower, projector = weights_hash(vlm.model.vision_tower), weights_hash(vlm.model.multi_modal_projector)
+    scenes = generated_scenes(0, 8, recipe.image_size)
+    pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
+    train_answers(vlm, processor, pixels, scenes, recipe, torch.Generator().manual_seed(0), progress=False)
+    assert weights_hash(vlm.model.vision_tower) == tower
+    assert weights_hash(vlm.model.multi_modal_projector) != projector
