@@ -63,7 +63,7 @@ def main() -> int:
                     "seed": args.seed, "n": args.n, "wall_s": {}}
     if not Path(args.vlm, "config.json").is_file():
         result["wall_s"]["vlm_build"] = timed(["lmfusion", "vlm", "build", "--out", args.vlm])
-    if not Path(args.run, "latest").is_file():
+    if not Path(args.run).exists():
         result["wall_s"]["llavafusion_train"] = timed(
             ["lmfusion", "train", "--preset", "llavafusion", "--base-model", args.vlm,
              "--runs-dir", str(Path(args.run).parent), "--name", Path(args.run).name])
