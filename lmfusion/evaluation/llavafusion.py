@@ -83,8 +83,10 @@ def context_answers(pipe: LMFusionPipeline, scenes: Sequence[Scene], image_conte
                     steps: int = 20, seed: int = 0) -> dict[str, float]:
     """Accuracy of questions asked right after the model drew each scene's caption, in that context.
 
-    Per scene: "caption BOI" -> the image sampled (seed + i, as `generation_scores`) -> the image kept
-    as `image_context` says -> the question as a user turn of the VLM's chat template -> greedy answer.
+    Per scene: "caption BOI" -> the image sampled (seed + i, as `generation_scores`) -> EOI, with the
+    latents kept before it unless `image_context` is "vlm" -> the question as a user turn of the VLM's
+    chat template, holding the VLM's own reading of the image unless `image_context` is "latents" ->
+    greedy answer, scored by exact match.
     """
     if image_context not in IMAGE_CONTEXTS:
         raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
@@ -98,10 +100,23 @@ def context_answers(pipe: LMFusionPipeline, scenes: Sequence[Scene], image_conte
         prefix = model.tokenizer(prompt, add_special_tokens=False).input_ids + [model.boi_token_id]
         for kind in ATTRIBUTES:
             context = Context.from_tokens(model, [prefix])
-            append_drawn_image(context, latents, [image], image_context)
-            turn = model.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[kind]}]}], add_generation_prompt=True)
-            context.append_tokens(torch.tensor([model.tokenizer(turn, add_special_tokens=False).input_ids]))
+            # The drawn image: its latents stay where they were drawn ("latents", "both"); the VLM's
+            # reading of it goes where this VLM reads images, in the question's user turn ("vlm", "both").
+            if image_context == "vlm":
+                context.append_tokens(torch.tensor([[model.eoi_token_id]]))
+            else:
+                append_drawn_image(context, latents, [image], "latents")
+            content = [{"type": "text", "text": QUESTIONS[kind]}]
+            if image_context != "latents":
+                content.insert(0, {"type": "image"})
+            turn = model.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            ids = model.tokenizer(turn, add_special_tokens=False).input_ids
+            if image_context != "latents":  # the turn's one image placeholder -> the VLM's features
+                cut = ids.index(model.text_model.config.image_token_id)
+                context.append_tokens(torch.tensor([ids[:cut]]))
+                context.append_vlm_image([image], model.processor)
+                ids = ids[cut + 1:]
+            context.append_tokens(torch.tensor([ids]))
             new = decode(context, 16, TokenPicker(), vocabulary_mask(model), eos_ids(model, base_only=True))[0]
             reply = model.tokenizer.decode(new, skip_special_tokens=True).strip()
             hits[kind] += reply == answer(kind, scene.objects, scene.relation)
