@@ -59,8 +59,6 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    import torch
-
     from .evaluate import evaluate_checkpoint
 
     if args.task == "edit":
@@ -72,21 +70,13 @@ def run_eval(args) -> int:
         guidance_scale=EvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         seed=args.seed, batch_size=args.batch_size, base_model=args.base_model, feature_cache=args.feature_cache,
     )
-    for name in ("checkpoint", "data"):
-        if not Path(getattr(args, name)).exists():
-            raise FileNotFoundError(f"--{name} not found: {getattr(args, name)}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_paths_and_threads(args)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, settings, device=args.device)
     print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
     return 0
 
 
 def _run_edit_eval(args) -> int:
-    import torch
-
     from .edit import evaluate_edits
 
     settings = EditEvalSettings(
@@ -95,21 +85,13 @@ def _run_edit_eval(args) -> int:
         image_guidance_scales=list(args.image_guidance_scale), seed=args.seed, batch_size=args.batch_size,
         baselines=not args.no_baselines, base_model=args.base_model,
     )
-    for name in ("checkpoint", "data"):
-        if not Path(getattr(args, name)).exists():
-            raise FileNotFoundError(f"--{name} not found: {getattr(args, name)}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_paths_and_threads(args)
     result = evaluate_edits(args.checkpoint, args.data, args.out, settings, device=args.device)
     print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
     return 0
 
 
 def _run_chat_eval(args) -> int:
-    import torch
-
     from .chat import evaluate_chat
 
     settings = ChatEvalSettings(
@@ -117,6 +99,16 @@ def _run_chat_eval(args) -> int:
         guidance_scale=ChatEvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_model=args.base_model,
     )
+    _check_paths_and_threads(args)
+    result = evaluate_chat(args.checkpoint, args.data, args.out, settings, device=args.device)
+    print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
+    return 0
+
+
+def _check_paths_and_threads(args) -> None:
+    """The checks every task shares, before anything loads; then the requested torch threads."""
+    import torch
+
     for name in ("checkpoint", "data"):
         if not Path(getattr(args, name)).exists():
             raise FileNotFoundError(f"--{name} not found: {getattr(args, name)}")
@@ -124,6 +116,3 @@ def _run_chat_eval(args) -> int:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = evaluate_chat(args.checkpoint, args.data, args.out, settings, device=args.device)
-    print(f"[eval] wrote {result['out_dir']}/report.json and report.md in {result['seconds']} s")
-    return 0
