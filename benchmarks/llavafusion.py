@@ -162,6 +162,9 @@ def add_quickstart(args) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     body = markdown(result, ATTRIBUTES, list(QUESTIONS), QUESTIONS, IMAGE_CONTEXTS, " ".join(sys.argv))
     md = out.with_suffix(".md")
+    if not md.exists():  # no report beside the JSON yet: write the whole of it
+        md.write_text(body)
+        return 0
     old = md.read_text()
     start, end = old.index("## Generation (shapes oracle)"), old.index("## Self-consistency")
     new_start, new_end = body.index("## Generation (shapes oracle)"), body.index("## Self-consistency")
