@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md
 
 Three checks, each reported in a Markdown table:
-  1. training: bf16 autocast steps of SmolLM2 with the fused layers (AdamW, clipping, the real
+  1. training: bf16 autocast (or --precision fp32) steps of SmolLM2 with the fused layers (AdamW, clipping, the real
      train_step), tokens/s and peak GPU memory, with and without gradient checkpointing;
   2. text preservation: text-only logits of the LMFusion model equal the base model's in bf16;
   3. sampling: text-to-image speed with and without the prefix cache (same images either way).
@@ -30,7 +30,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_training(base: str, device: torch.device, steps: int, batch: int, checkpointing: bool) -> dict:
+def check_training(base: str, device: torch.device, steps: int, batch: int, checkpointing: bool,
+                   precision: str = "bf16") -> dict:
     from lmfusion.data.images import pil_to_tensor
     from lmfusion.data.shapes import caption_for, render_scene, scene_for_index
     from lmfusion.training.config import TrainConfig
@@ -38,7 +39,7 @@ def check_training(base: str, device: torch.device, steps: int, batch: int, chec
     from lmfusion.training.distributed import DistInfo
     from lmfusion.training.loop import StepPlan, build_model, build_optimizer, build_scheduler, train_step
 
-    config = TrainConfig(base_model=base, codec={"name": "pixel"}, image_size=64, patch_size=8, precision="bf16",
+    config = TrainConfig(base_model=base, codec={"name": "pixel"}, image_size=64, patch_size=8, precision=precision,
                          batch_size=batch, max_steps=1000, warmup_steps=1, gradient_checkpointing=checkpointing)
     model, codec = build_model(config)
     model.to(device).train()
@@ -118,6 +119,10 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, default=20, help="timed training steps per setting (default 20)")
     parser.add_argument("--batch", type=int, default=16, help="examples per training step (default 16)")
     parser.add_argument("--sample-steps", type=int, default=50, help="denoising steps when timing sampling (default 50)")
+    # bf16 is what a GPU trains in; a CPU without AVX-512-BF16 runs bf16 10-30x slower
+    # (benchmarks/results/training_throughput.md), so the CPU self-test of this script trains in fp32.
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="training check's precision (default bf16; fp32 for a quick CPU self-test)")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -131,11 +136,12 @@ def main() -> int:
               f"`python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` (torch {torch.__version__})", ""]
     failures = []
 
-    report += ["## Training, bf16 autocast, pixel codec 64 px, 8x8 patches", "",
+    autocast = "bf16 autocast" if args.precision == "bf16" else "fp32"
+    report += [f"## Training, {autocast}, pixel codec 64 px, 8x8 patches", "",
                f"batch {args.batch}, {args.train_steps} timed steps after 2 warm-up steps", "",
                "| gradient checkpointing | tokens/s | s/step | peak GPU memory GiB | loss first -> last |", "|---|---|---|---|---|"]
     for checkpointing in (False, True):
-        row = check_training(args.base, device, args.train_steps, args.batch, checkpointing)
+        row = check_training(args.base, device, args.train_steps, args.batch, checkpointing, args.precision)
         report.append(f"| {'on' if checkpointing else 'off'} | {row['tok_s']:.0f} | {row['step_s']:.3f} | "
                       f"{row['peak_gib']:.2f} | {row['first_loss']:.3f} -> {row['last_loss']:.3f} |")
         if not row["ok"]:
