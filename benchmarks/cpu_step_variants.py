@@ -30,35 +30,16 @@ DEFAULT_VARIANTS = ["default", "passive:OMP_WAIT_POLICY=PASSIVE", "batch12:batch
 
 def worker(overrides: dict, steps: int, warmup: int) -> dict:
     """Build the quickstart model in this process and time `steps` training steps after `warmup`."""
-    import torch
+    from lmfusion.training.loop import train_step
+    from quickstart_profile import quickstart_training
 
-    from lmfusion.data.images import pil_to_tensor
-    from lmfusion.data.shapes import caption_for, render_scene, scene_for_index
-    from lmfusion.training.config import load_config
-    from lmfusion.training.data import CaptionLatents, build_batch_source
-    from lmfusion.training.distributed import DistInfo
-    from lmfusion.training.loop import StepPlan, build_model, build_optimizer, build_scheduler, train_step
-    from lmfusion.training.parallelize import compile_layers
-
-    config = load_config("quickstart", overrides={**overrides, "progress": False})
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    model, codec = build_model(config)
-    if config.compile:
-        compile_layers(model)
-    scenes = [scene_for_index(0, i, two_object_prob=0.0) for i in range(256)]
-    pixels = torch.stack([pil_to_tensor(render_scene(objects, config.image_size)) for objects, _ in scenes])
-    with torch.no_grad():
-        data = CaptionLatents(codec.encode(pixels).float(), [caption_for(o, r) for o, r in scenes], {"source": "bench"})
-    source = build_batch_source(data, model, config)
-    optimizer, info = build_optimizer(model, config), DistInfo()
-    scheduler = build_scheduler(optimizer, config)
-    plan = StepPlan(config.batch_size, config.batch_size, 1)
-    model.train()
+    run = quickstart_training(overrides, images=256)
+    config = run["config"]
     seconds, tokens = [], 0
     for step in range(warmup + steps):
         start = time.perf_counter()
-        metrics = train_step(step, model, model, source, optimizer, scheduler, config, plan, info)
+        metrics = train_step(step, run["model"], run["model"], run["source"], run["optimizer"], run["scheduler"],
+                             config, run["plan"], run["info"])
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
             tokens += metrics["tokens"]
@@ -84,7 +65,8 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--variant", action="append", help="NAME[:KEY=VALUE,...] (repeatable; default: " + " ".join(DEFAULT_VARIANTS) + ")")
+    parser.add_argument("--variant", action="append",
+                        help="NAME[:KEY=VALUE,...] (repeatable; default: " + " ".join(DEFAULT_VARIANTS) + ")")
     parser.add_argument("--rounds", type=int, default=2, help="times each variant runs, in turn with the others")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile variants add one)")

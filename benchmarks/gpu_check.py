@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.md
 
 Three checks, each reported in a Markdown table:
-  1. training: bf16 autocast (or --precision fp32) steps of SmolLM2 with the fused layers (AdamW, clipping, the real
-     train_step), tokens/s and peak GPU memory, with and without gradient checkpointing;
+  1. training: bf16 autocast (or --precision fp32) steps of SmolLM2 with the fused layers (AdamW,
+     clipping, the real train_step), tokens/s and peak GPU memory, with and without gradient checkpointing;
   2. text preservation: text-only logits of the LMFusion model equal the base model's in bf16;
   3. sampling: text-to-image speed with and without the prefix cache (same images either way).
 

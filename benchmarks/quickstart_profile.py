@@ -42,32 +42,52 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def profile(steps: int, threads: int) -> dict:
+def quickstart_training(overrides: dict | None = None, images: int = 64) -> dict:
+    """The quickstart's model, optimizer and batch source on `images` shapes scenes, ready to step.
+
+    Returns config, model, codec, data, source, optimizer, scheduler, plan and info: the arguments
+    of lmfusion.training.loop.train_step and what the side jobs need. `overrides` are TrainConfig
+    keys over the quickstart preset (`threads` sets torch's intra-op threads); `compile: true`
+    compiles the decoder layers as training does.
+    """
     import torch
 
-    torch.set_num_threads(threads)
     from lmfusion.data.images import pil_to_tensor
     from lmfusion.data.shapes import caption_for, render_scene, scene_for_index
-    from lmfusion.model.probes import image_probes
-    from lmfusion.training import checkpoint as ckpt
     from lmfusion.training.config import load_config
     from lmfusion.training.data import CaptionLatents, build_batch_source
     from lmfusion.training.distributed import DistInfo
-    from lmfusion.training.loop import (StepPlan, autocast, build_model, build_optimizer, build_scheduler, chunk_seed,
-                                        train_step, write_samples, RunLog)
+    from lmfusion.training.loop import StepPlan, build_model, build_optimizer, build_scheduler
+    from lmfusion.training.parallelize import compile_layers
 
-    config = load_config("quickstart", overrides={"progress": False})
+    config = load_config("quickstart", overrides={**(overrides or {}), "progress": False})
+    if config.threads:  # before the model is built, as `lmfusion train` does
+        torch.set_num_threads(config.threads)
     model, codec = build_model(config)
-    scenes = [scene_for_index(0, i, two_object_prob=0.0) for i in range(64)]
+    if config.compile:
+        compile_layers(model)
+    scenes = [scene_for_index(0, i, two_object_prob=0.0) for i in range(images)]
     pixels = torch.stack([pil_to_tensor(render_scene(objects, config.image_size)) for objects, _ in scenes])
     with torch.no_grad():
-        data = CaptionLatents(codec.encode(pixels).float(), [caption_for(o, r) for o, r in scenes], {"source": "profile"})
-    source = build_batch_source(data, model, config)
+        data = CaptionLatents(codec.encode(pixels).float(), [caption_for(o, r) for o, r in scenes], {"source": "benchmark"})
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
-    plan = StepPlan(config.batch_size, config.batch_size, 1)
-    info = DistInfo()
     model.train()
+    return {"config": config, "model": model, "codec": codec, "data": data,
+            "source": build_batch_source(data, model, config), "optimizer": optimizer,
+            "scheduler": build_scheduler(optimizer, config), "plan": StepPlan(config.batch_size, config.batch_size, 1),
+            "info": DistInfo()}
+
+
+def profile(steps: int, threads: int) -> dict:
+    import torch
+
+    from lmfusion.model.probes import image_probes
+    from lmfusion.training import checkpoint as ckpt
+    from lmfusion.training.loop import autocast, chunk_seed, train_step, write_samples, RunLog
+
+    run = quickstart_training({"threads": threads})
+    config, model, codec, data, source = run["config"], run["model"], run["codec"], run["data"], run["source"]
+    optimizer, scheduler, plan, info = run["optimizer"], run["scheduler"], run["plan"], run["info"]
     result: dict = {"threads": threads, "batch": config.batch_size}
 
     # The real step, whole.
