@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .diffusion import check_objective
+from .diffusion import DEFAULT_GUIDANCE_SCALE, check_objective
 
 # How much of the decoder layer gets a separate image copy (paper section 5.1 ablation):
 #   lmfusion  "deep separation": norms, Q/K/V, O and FFN per modality; text frozen (the paper's method)
@@ -67,6 +67,11 @@ class LMFusionConfig:
     boi_token: str = "<|begin_of_image|>"
     eoi_token: str = "<|end_of_image|>"
 
+    # The classifier-free guidance scale this model samples at when a caller names none (as a
+    # transformers GenerationConfig carries a model's decoding defaults): the best one measured for
+    # its recipe, set by the preset (the quickstart's: 5). None: DEFAULT_GUIDANCE_SCALE, the papers' 1.6.
+    guidance_scale: float | None = None
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -78,6 +83,8 @@ class LMFusionConfig:
             self.timestep_shift = 1.0  # the shift is a flow setting; DDPM schedules have none
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 = none) or null, got {self.guidance_scale}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.latent_size % self.patch_size:
@@ -120,6 +127,11 @@ class LMFusionConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.patches_per_side**2
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale samplers use when none is given."""
+        return DEFAULT_GUIDANCE_SCALE if self.guidance_scale is None else self.guidance_scale
 
     @property
     def text_frozen(self) -> bool:

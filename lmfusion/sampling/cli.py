@@ -39,10 +39,12 @@ def _add_diffusion_args(parser) -> None:
                         help="sampler (default: the model's: euler for flow models, ddim for eps/v models)")
 
 
-def add_guidance_scale_argument(parser, default: float = DEFAULT_GUIDANCE_SCALE,
-                                help: str = "classifier-free guidance scale; 1 = none") -> None:
-    """`--guidance-scale` (args.guidance_scale), plus the old spelling `--guidance` as a hidden alias."""
-    parser.add_argument("--guidance-scale", type=float, default=default, help=f"{help} (default {default})")
+def add_guidance_scale_argument(parser, help: str = "classifier-free guidance scale; 1 = none") -> None:
+    """`--guidance-scale` (args.guidance_scale; None when not given: the model's own default), plus the
+    old spelling `--guidance` as a hidden alias."""
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"{help} (default: the model's own, saved with it by its preset, e.g. the quickstart's 5; "
+                             f"{DEFAULT_GUIDANCE_SCALE} for a model that saved none)")
     # Kept so that scripts written for earlier versions still run; SUPPRESS leaves the default to the flag above.
     parser.add_argument("--guidance", dest="guidance_scale", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 

@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import torch
 
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
+from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from .context import Context
 from .image import (check_sampling_args, decode_latents, denoise, encode_images, image_generators, load_images,
-                    prompt_tokens)
+                    prompt_tokens, resolve_guidance_scale)
 
 
-def check_edit_args(steps: int, guidance_scale: float, image_guidance_scale: float, n: int = 1,
+def check_edit_args(steps: int, guidance_scale: float | None, image_guidance_scale: float, n: int = 1,
                     scheduler: str | None = None, objective: str | None = None) -> None:
     check_sampling_args(steps, guidance_scale, n, scheduler, objective)
     if image_guidance_scale < 0:
@@ -33,7 +33,7 @@ def check_edit_args(steps: int, guidance_scale: float, image_guidance_scale: flo
 
 
 def edit_branches(model, sources: torch.Tensor, instructions: Sequence[str], n: int = 1,
-                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                  guidance_scale: float | None = None,
                   image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
                   cache_prefix: bool = True) -> tuple[list[Context], float | None, float]:
     """The contexts `denoise` runs, and the (image, text) scales it combines them with.
@@ -44,6 +44,7 @@ def edit_branches(model, sources: torch.Tensor, instructions: Sequence[str], n: 
     """
     if any(not isinstance(text, str) or not text.strip() for text in instructions):
         raise ValueError("instruction is empty: say what to change, e.g. 'make it blue'")
+    guidance_scale = resolve_guidance_scale(model, guidance_scale)
     tokens = [prompt_tokens(model, text) for text in instructions]  # instruction ids + BOI
     boi = torch.full((len(instructions), 1), model.boi_token_id, dtype=torch.long)
     base = Context.from_tokens(model, [[model.boi_token_id]] * len(instructions), cache_prefix)
@@ -71,7 +72,7 @@ def edit_latents(
     instructions: str | Sequence[str],
     n: int = 1,
     steps: int = 50,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
@@ -99,7 +100,7 @@ def edit_image(
     model,
     image,
     instruction: str | Sequence[str],
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
     steps: int = 50,
     seed: int | Sequence[int] | None = None,
@@ -114,7 +115,7 @@ def edit_image(
 
     Returns n edits per image, image-major: a list of PIL images, or a [N, 3, S, S] tensor with
     output="tensor". guidance_scale (s_T) weighs the instruction, image_guidance_scale (s_I) the
-    source; 1 and 1 = no guidance.
+    source; 1 and 1 = no guidance; guidance_scale None = the model's default.
     """
     if output not in ("pil", "tensor"):
         raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..codecs.base import ImageCodec
 from ..codecs.registry import latent_clip
-from ..diffusion import DEFAULT_GUIDANCE_SCALE, check_sampler
+from ..diffusion import check_sampler
 from .text import Context, encode_text, max_positions
 
 # ---------------------------------------------------------------------- codec and image I/O
@@ -81,11 +81,17 @@ def max_prompt_tokens(model) -> int:
     return max_positions(model) - model.config.tokens_per_image - 2
 
 
-def check_sampling_args(steps: int, guidance_scale: float, n: int = 1, scheduler: str | None = None,
+def resolve_guidance_scale(model, guidance_scale: float | None) -> float:
+    """The scale asked for, or (None) the model's own default, saved in its config."""
+    return model.config.default_guidance_scale if guidance_scale is None else guidance_scale
+
+
+def check_sampling_args(steps: int, guidance_scale: float | None, n: int = 1, scheduler: str | None = None,
                         objective: str | None = None) -> None:
+    """guidance_scale None is valid: it stands for the model's default (resolve_guidance_scale)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if guidance_scale < 0:
+    if guidance_scale is not None and guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -165,7 +171,7 @@ def sample_latents(
     prompts: str | Sequence[str],
     n: int = 1,
     steps: int = 50,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     allow_empty: bool = False,
@@ -185,6 +191,7 @@ def sample_latents(
     if not prompts:
         raise ValueError("no prompts given")
     check_sampling_args(steps, guidance_scale, n, scheduler, model.config.objective)
+    guidance_scale = resolve_guidance_scale(model, guidance_scale)
     tokens = [prompt_tokens(model, p, allow_empty) for p in prompts]
     unconditional = [model.boi_token_id]
     guided = guidance_scale != 1 and any(t != unconditional for t in tokens)
@@ -205,7 +212,7 @@ def generate_image(
     model,
     prompt: str | Sequence[str],
     steps: int = 50,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     n: int = 1,
@@ -219,7 +226,7 @@ def generate_image(
 
     output: "pil" (list of PIL images) or "tensor" ([N, 3, H, W] in [0, 1]); `sample_latents`
     gives the latents. guidance_scale: classifier-free guidance, eps = uncond + s * (cond - uncond);
-    1 = none. codec: the model's image codec (`LMFusionPipeline` passes its own).
+    1 = none; None = the model's default (`model.config.default_guidance_scale`). codec: the model's image codec (`LMFusionPipeline` passes its own).
     """
     if output not in ("pil", "tensor"):
         raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from ..utils import atomic_write_bytes
-from .image import check_sampling_args, decode_latents, denoise, image_generators
+from .image import check_sampling_args, decode_latents, denoise, image_generators, resolve_guidance_scale
 from .context import Context
 from .text import TokenPicker, encode_text, eos_ids, max_positions, vocabulary_mask
 
@@ -41,7 +40,7 @@ class InterleavedSession:
         top_p: float = 1.0,
         seed: int | None = None,
         steps: int = 50,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         scheduler: str | None = None,
         progress: bool = True,
         image_context: str = "latents",
@@ -62,7 +61,7 @@ class InterleavedSession:
         self.max_new_tokens, self.max_images = max_new_tokens, max_images
         self.picker = TokenPicker(temperature, top_p, seed)
         self.seed = seed if seed is not None else int(torch.randint(2**30, ()))
-        self.steps, self.guidance_scale, self.scheduler = steps, guidance_scale, scheduler
+        self.steps, self.guidance_scale, self.scheduler = steps, resolve_guidance_scale(model, guidance_scale), scheduler
         self.progress, self.codec = progress, codec
         self.context: Context | None = None
         self.pending: int | None = None  # the last token picked but not yet fed (e.g. eos)

@@ -23,7 +23,7 @@ import torch
 
 from ..codecs import load_codec
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
+from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from .edit import edit_image, edit_latents
 from .image import generate_image, sample_latents
 from .interleaved import InterleavedSession, generate_interleaved
@@ -70,7 +70,7 @@ class LMFusionPipeline:
     def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> "LMFusionPipeline":
         return cls(load_model(path, device, dtype))
 
-    def generate_image(self, prompt, steps: int = 50, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    def generate_image(self, prompt, steps: int = 50, guidance_scale: float | None = None,
                        seed: int | Sequence[int] | None = None, scheduler: str | None = None, n: int = 1, **options):
         return generate_image(self.model, prompt, steps, guidance_scale, seed, scheduler, n, codec=self.codec, **options)
 
@@ -78,7 +78,7 @@ class LMFusionPipeline:
         """The latents `generate_image` would decode (see `lmfusion.sampling.image.sample_latents`)."""
         return sample_latents(self.model, prompts, **options)
 
-    def edit(self, image, instruction, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    def edit(self, image, instruction, guidance_scale: float | None = None,
              image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, steps: int = 50,
              seed: int | Sequence[int] | None = None, scheduler: str | None = None, n: int = 1, **options):
         """Edit image(s) by an instruction, with InstructPix2Pix's three-branch guidance

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
+from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from . import chat
 from .edits import read_edit_request
 from .engine import Engine
@@ -47,7 +47,7 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds from arrival to answer, queue included
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_scale: float | None = None  # None: the model's own default (model.config.default_guidance_scale)
     image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE  # edits: guidance toward the source image
     scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
@@ -57,6 +57,8 @@ class ServeSettings:
 
 def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
+    if settings.guidance_scale is None:  # resolved once, so every request and batch key sees a number
+        settings = replace(settings, guidance_scale=model.config.default_guidance_scale)
     engine = Engine(model, settings.model_name)
     worker = ModelWorker(engine.run_images, settings.max_queue, settings.max_batch_images, settings.batching)
 

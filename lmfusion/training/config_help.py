@@ -67,6 +67,8 @@ FIELD_HELP: dict[str, str] = {
     "sample_prompts": "prompts for the sample images",
     "sample_steps": "denoising steps for the sample images",
     "sample_guidance_scale": "classifier-free guidance scale for the sample images (1 = none)",
+    "guidance_scale": "the guidance scale saved with the model: what generate, chat, edit and serve use when a "
+                      "request names none (null = 1.6, the samplers' default)",
     "progress": "show a progress bar",
     "probe_every": "conditioning probes (prompt gain, stack dependence) every this many steps (0 = off)",
     "probe_images": "images the conditioning probes use",

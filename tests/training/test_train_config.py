@@ -140,3 +140,12 @@ def test_train_help_gives_every_key_a_line_with_its_default(capsys):
         after = text.split(flag, 1)[1]
         assert FIELD_HELP[name].split()[0] in after and "(default:" in after.split("--", 1)[0], name
     assert "(default: 0.0001)" in text and '(default: "ddp")' in text
+
+
+def test_the_configs_guidance_scale_is_saved_in_the_model_config(make_config):
+    from lmfusion.config import TINY_UNET
+    from lmfusion.training.loop import build_model
+
+    assert build_model(make_config(guidance_scale=4.0))[0].config.default_guidance_scale == 4.0
+    # `model: {guidance_scale: ..}` is the same setting spelled as a model key; it wins.
+    assert build_model(make_config(guidance_scale=4.0, model={**TINY_UNET, "guidance_scale": 2.5}))[0].config.guidance_scale == 2.5

@@ -1,0 +1,86 @@
+"""A model's own default guidance scale: saved in its config, used wherever no scale is given."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lmfusion.cli import main
+from lmfusion.config import LMFusionConfig
+from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE
+from lmfusion.model.lmfusion import LMFusionModel
+from lmfusion.sampling.image import sample_latents
+
+SAVED = 4.0  # far from DEFAULT_GUIDANCE_SCALE, so the two give different images
+
+
+@contextlib.contextmanager
+def saved_guidance(model, scale):
+    before = model.config.guidance_scale
+    model.config.guidance_scale = scale
+    try:
+        yield model
+    finally:
+        model.config.guidance_scale = before
+
+
+def _sample(model, guidance_scale):
+    return sample_latents(model, ["a red circle"], n=1, steps=3, guidance_scale=guidance_scale, seed=0, progress=False)
+
+
+def test_no_scale_given_means_the_models_saved_one(model):
+    with saved_guidance(model, SAVED):
+        own = _sample(model, None)
+        assert torch.equal(own, _sample(model, SAVED))
+        assert not torch.allclose(own, _sample(model, DEFAULT_GUIDANCE_SCALE))
+    with saved_guidance(model, None):  # a model that saved none: the samplers' default
+        assert torch.equal(_sample(model, None), _sample(model, DEFAULT_GUIDANCE_SCALE))
+
+
+def test_the_scale_survives_save_and_load_and_bad_values_are_refused(model, tmp_path):
+    with saved_guidance(model, SAVED):
+        model.save_pretrained(tmp_path / "m")
+    assert LMFusionModel.from_pretrained(tmp_path / "m").config.default_guidance_scale == SAVED
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        LMFusionConfig(codec={"name": "pixel"}, guidance_scale=-1.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_guidance(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt_guidance") / "model"
+    with saved_guidance(model, SAVED):
+        model.save_pretrained(path)
+    return path
+
+
+def test_generate_without_the_flag_draws_at_the_models_scale(checkpoint_with_guidance, tmp_path, capsys):
+    def draw(name, *flags):
+        out = tmp_path / name
+        assert main(["generate", "--checkpoint", str(checkpoint_with_guidance), "--prompt", "a red circle",
+                     "--out", str(out), "--steps", "2", "--device", "cpu", *flags]) == 0
+        return out.read_bytes()
+
+    own = draw("own.png")
+    assert own == draw("saved.png", "--guidance-scale", str(SAVED))
+    assert own != draw("global.png", "--guidance-scale", str(DEFAULT_GUIDANCE_SCALE))
+    capsys.readouterr()
+
+
+def test_the_server_defaults_to_the_models_scale(model):
+    pytest.importorskip("fastapi")
+    from lmfusion.serving.app import ServeSettings, create_app
+
+    with saved_guidance(model, SAVED):
+        assert create_app(model).state.settings.guidance_scale == SAVED
+        assert create_app(model, ServeSettings(guidance_scale=2.0)).state.settings.guidance_scale == 2.0
+
+
+def test_a_preset_saves_its_measured_scale_with_the_model():
+    from lmfusion.training.config import load_config
+
+    assert load_config("quickstart").guidance_scale == 5.0
+    assert load_config("quickstart", overrides={"guidance_scale": "null"}).guidance_scale is None
+    with pytest.raises(ValueError, match="guidance_scale"):
+        load_config("quickstart", overrides={"guidance_scale": "strong"})
