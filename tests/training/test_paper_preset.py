@@ -43,7 +43,9 @@ def test_dry_run_on_llama3_8b_config_alone(llama3_config, capsys):
     assert ddp["optimizer"] == pytest.approx(8 * result.trainable / 2**30)
 
 
-def test_dry_run_names_an_unreadable_base_model(tmp_path):
+def test_dry_run_names_an_unreadable_base_model(tmp_path, monkeypatch):
+    # Offline, the hub lookup of the made-up id fails at once instead of waiting out its retries (~20 s).
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="config.json"):
         dry_run(load_config("paper", overrides={"base_model": "no-such-org/no-such-model-xyz"}), world_size=1)
 
