@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .diffusion import DEFAULT_GUIDANCE_SCALE, check_objective
+from .diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, check_objective
 
 # How much of the decoder layer gets a separate image copy (paper section 5.1 ablation):
 #   lmfusion  "deep separation": norms, Q/K/V, O and FFN per modality; text frozen (the paper's method)
@@ -71,6 +71,8 @@ class LMFusionConfig:
     # transformers GenerationConfig carries a model's decoding defaults): the best one measured for
     # its recipe, set by the preset (the quickstart's: 5). None: DEFAULT_GUIDANCE_SCALE, the papers' 1.6.
     guidance_scale: float | None = None
+    # The same for edits' guidance toward the source image (s_I); None: DEFAULT_IMAGE_GUIDANCE_SCALE, 1.5.
+    image_guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,8 +85,9 @@ class LMFusionConfig:
             self.timestep_shift = 1.0  # the shift is a flow setting; DDPM schedules have none
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = none) or null, got {self.guidance_scale}")
+        for name in ("guidance_scale", "image_guidance_scale"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (1 = none) or null, got {getattr(self, name)}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.latent_size % self.patch_size:
@@ -132,6 +135,11 @@ class LMFusionConfig:
     def default_guidance_scale(self) -> float:
         """The guidance scale samplers use when none is given."""
         return DEFAULT_GUIDANCE_SCALE if self.guidance_scale is None else self.guidance_scale
+
+    @property
+    def default_image_guidance_scale(self) -> float:
+        """The guidance toward the source image that edits use when none is given."""
+        return DEFAULT_IMAGE_GUIDANCE_SCALE if self.image_guidance_scale is None else self.image_guidance_scale
 
     @property
     def text_frozen(self) -> bool:

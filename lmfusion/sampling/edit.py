@@ -19,22 +19,26 @@ from collections.abc import Sequence
 import torch
 
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from .context import Context
 from .image import (check_sampling_args, decode_latents, denoise, encode_images, image_generators, load_images,
                     prompt_tokens, resolve_guidance_scale)
 
 
-def check_edit_args(steps: int, guidance_scale: float | None, image_guidance_scale: float, n: int = 1,
+def resolve_image_guidance_scale(model, image_guidance_scale: float | None) -> float:
+    """The scale asked for, or (None) the model's own default, saved in its config."""
+    return model.config.default_image_guidance_scale if image_guidance_scale is None else image_guidance_scale
+
+
+def check_edit_args(steps: int, guidance_scale: float | None, image_guidance_scale: float | None, n: int = 1,
                     scheduler: str | None = None, objective: str | None = None) -> None:
     check_sampling_args(steps, guidance_scale, n, scheduler, objective)
-    if image_guidance_scale < 0:
+    if image_guidance_scale is not None and image_guidance_scale < 0:
         raise ValueError(f"image_guidance_scale must be >= 0 (1 = none), got {image_guidance_scale}")
 
 
 def edit_branches(model, sources: torch.Tensor, instructions: Sequence[str], n: int = 1,
                   guidance_scale: float | None = None,
-                  image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+                  image_guidance_scale: float | None = None,
                   cache_prefix: bool = True) -> tuple[list[Context], float | None, float]:
     """The contexts `denoise` runs, and the (image, text) scales it combines them with.
 
@@ -45,6 +49,7 @@ def edit_branches(model, sources: torch.Tensor, instructions: Sequence[str], n: 
     if any(not isinstance(text, str) or not text.strip() for text in instructions):
         raise ValueError("instruction is empty: say what to change, e.g. 'make it blue'")
     guidance_scale = resolve_guidance_scale(model, guidance_scale)
+    image_guidance_scale = resolve_image_guidance_scale(model, image_guidance_scale)
     tokens = [prompt_tokens(model, text) for text in instructions]  # instruction ids + BOI
     boi = torch.full((len(instructions), 1), model.boi_token_id, dtype=torch.long)
     base = Context.from_tokens(model, [[model.boi_token_id]] * len(instructions), cache_prefix)
@@ -73,7 +78,7 @@ def edit_latents(
     n: int = 1,
     steps: int = 50,
     guidance_scale: float | None = None,
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+    image_guidance_scale: float | None = None,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,
     cache_prefix: bool = True,
@@ -101,7 +106,7 @@ def edit_image(
     image,
     instruction: str | Sequence[str],
     guidance_scale: float | None = None,
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+    image_guidance_scale: float | None = None,
     steps: int = 50,
     seed: int | Sequence[int] | None = None,
     scheduler: str | None = None,

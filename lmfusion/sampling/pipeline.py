@@ -23,7 +23,6 @@ import torch
 
 from ..codecs import load_codec
 from ..codecs.base import ImageCodec
-from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from .edit import edit_image, edit_latents
 from .image import generate_image, sample_latents
 from .interleaved import InterleavedSession, generate_interleaved
@@ -79,7 +78,7 @@ class LMFusionPipeline:
         return sample_latents(self.model, prompts, **options)
 
     def edit(self, image, instruction, guidance_scale: float | None = None,
-             image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, steps: int = 50,
+             image_guidance_scale: float | None = None, steps: int = 50,
              seed: int | Sequence[int] | None = None, scheduler: str | None = None, n: int = 1, **options):
         """Edit image(s) by an instruction, with InstructPix2Pix's three-branch guidance
         (see lmfusion.sampling.edit); a list of PIL images, n per input image."""

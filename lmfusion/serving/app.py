@@ -23,7 +23,6 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
 from . import chat
 from .edits import read_edit_request
 from .engine import Engine
@@ -48,7 +47,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
     guidance_scale: float | None = None  # None: the model's own default (model.config.default_guidance_scale)
-    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE  # edits: guidance toward the source image
+    image_guidance_scale: float | None = None  # edits: guidance toward the source image; None: the model's
     scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
     chat_tokens: int = 256
@@ -57,8 +56,11 @@ class ServeSettings:
 
 def create_app(model, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
-    if settings.guidance_scale is None:  # resolved once, so every request and batch key sees a number
+    # Model defaults resolved once, so every request and batch key sees a number.
+    if settings.guidance_scale is None:
         settings = replace(settings, guidance_scale=model.config.default_guidance_scale)
+    if settings.image_guidance_scale is None:
+        settings = replace(settings, image_guidance_scale=model.config.default_image_guidance_scale)
     engine = Engine(model, settings.model_name)
     worker = ModelWorker(engine.run_images, settings.max_queue, settings.max_batch_images, settings.batching)
 

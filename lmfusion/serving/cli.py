@@ -36,9 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB; larger gets 413 (default 16)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps when a request does not say (default 50)")
     add_guidance_scale_argument(p, help="classifier-free guidance scale when a request does not say; 1 = none")
-    p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,
+    p.add_argument("--image-guidance-scale", type=float, default=None,
                    help="edits: guidance toward the source image when a request does not say; 1 = none "
-                        f"(default {DEFAULT_IMAGE_GUIDANCE_SCALE})")
+                        f"(default: the model's own, else {DEFAULT_IMAGE_GUIDANCE_SCALE})")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="sampler when a request does not say (default: the one of the model's objective)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -58,7 +58,7 @@ def settings_from_args(args):
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.request_timeout <= 0 or args.max_body_mb <= 0 or args.shutdown_timeout < 0:
         raise ValueError("--request-timeout and --max-body-mb must be positive, --shutdown-timeout not negative")
-    if args.image_guidance_scale < 0:
+    if args.image_guidance_scale is not None and args.image_guidance_scale < 0:
         raise ValueError(f"--image-guidance-scale must be >= 0 (1 = none), got {args.image_guidance_scale}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -69,6 +69,7 @@ FIELD_HELP: dict[str, str] = {
     "sample_guidance_scale": "classifier-free guidance scale for the sample images (1 = none)",
     "guidance_scale": "the guidance scale saved with the model: what generate, chat, edit and serve use when a "
                       "request names none (null = 1.6, the samplers' default)",
+    "image_guidance_scale": "the same for edits' guidance toward the source image (null = 1.5)",
     "progress": "show a progress bar",
     "probe_every": "conditioning probes (prompt gain, stack dependence) every this many steps (0 = off)",
     "probe_images": "images the conditioning probes use",

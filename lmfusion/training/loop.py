@@ -55,7 +55,8 @@ def build_model(config: TrainConfig, codec=None):
         base_model=config.base_model, mode=config.mode, attention=config.attention, codec=codec.config(),
         image_size=config.image_size,
         latent_channels=latent_channels, latent_size=latent_size, patch_size=config.patch_size,
-        **{"guidance_scale": config.guidance_scale, **config.model},  # a model: {guidance_scale: ..} wins
+        **{"guidance_scale": config.guidance_scale, "image_guidance_scale": config.image_guidance_scale,
+           **config.model},  # a model: {guidance_scale: ..} wins
     )
     torch.manual_seed(config.seed)
     model = LMFusionModel.from_text_model(config.base_model, model_config)

@@ -1,4 +1,5 @@
-"""A model's own default guidance scale: saved in its config, used wherever no scale is given."""
+"""A model's own default guidance scales (text, and image for edits): saved in its config, used
+wherever no scale is given."""
 
 from __future__ import annotations
 
@@ -9,21 +10,22 @@ import torch
 
 from lmfusion.cli import main
 from lmfusion.config import LMFusionConfig
-from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE
+from lmfusion.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE
 from lmfusion.model.lmfusion import LMFusionModel
+from lmfusion.sampling.edit import edit_latents
 from lmfusion.sampling.image import sample_latents
 
 SAVED = 4.0  # far from DEFAULT_GUIDANCE_SCALE, so the two give different images
 
 
 @contextlib.contextmanager
-def saved_guidance(model, scale):
-    before = model.config.guidance_scale
-    model.config.guidance_scale = scale
+def saved_guidance(model, scale, name="guidance_scale"):
+    before = getattr(model.config, name)
+    setattr(model.config, name, scale)
     try:
         yield model
     finally:
-        model.config.guidance_scale = before
+        setattr(model.config, name, before)
 
 
 def _sample(model, guidance_scale):
@@ -37,6 +39,19 @@ def test_no_scale_given_means_the_models_saved_one(model):
         assert not torch.allclose(own, _sample(model, DEFAULT_GUIDANCE_SCALE))
     with saved_guidance(model, None):  # a model that saved none: the samplers' default
         assert torch.equal(_sample(model, None), _sample(model, DEFAULT_GUIDANCE_SCALE))
+
+
+def test_edits_use_the_models_saved_image_guidance_when_none_is_given(model):
+    sources = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def edit(image_guidance_scale):
+        return edit_latents(model, sources, "make it blue", steps=2, guidance_scale=2.0,
+                            image_guidance_scale=image_guidance_scale, seed=0, progress=False)
+
+    with saved_guidance(model, SAVED, "image_guidance_scale"):
+        own = edit(None)
+        assert torch.equal(own, edit(SAVED))
+        assert not torch.allclose(own, edit(DEFAULT_IMAGE_GUIDANCE_SCALE))
 
 
 def test_the_scale_survives_save_and_load_and_bad_values_are_refused(model, tmp_path):
@@ -72,8 +87,9 @@ def test_the_server_defaults_to_the_models_scale(model):
     pytest.importorskip("fastapi")
     from lmfusion.serving.app import ServeSettings, create_app
 
-    with saved_guidance(model, SAVED):
-        assert create_app(model).state.settings.guidance_scale == SAVED
+    with saved_guidance(model, SAVED), saved_guidance(model, 2.5, "image_guidance_scale"):
+        settings = create_app(model).state.settings
+        assert (settings.guidance_scale, settings.image_guidance_scale) == (SAVED, 2.5)
         assert create_app(model, ServeSettings(guidance_scale=2.0)).state.settings.guidance_scale == 2.0
 
 
