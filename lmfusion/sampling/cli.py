@@ -77,8 +77,9 @@ def _add_edit(subparsers) -> None:
     p.add_argument("--out", required=True, help="image file (.png, .jpg, ...)")
     p.add_argument("--n", type=int, default=1, help="edits; n > 1 writes one grid to --out")
     p.add_argument("--image-guidance-scale", type=float, default=None,
-                   help=f"guidance toward the source image; above 1 preserves more of it, 1 = none (default: the "
-                        f"model's own, saved with it by its preset; {DEFAULT_IMAGE_GUIDANCE_SCALE} for a model that saved none)")
+                   help="guidance toward the source image; above 1 preserves more of it, 1 = none (default: the "
+                        "model's own, saved with it by its preset, e.g. the edit preset's 2.5; "
+                        f"{DEFAULT_IMAGE_GUIDANCE_SCALE} for a model that saved none)")
     _add_diffusion_args(p)
     p.set_defaults(func=run_edit)
 

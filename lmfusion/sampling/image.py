@@ -226,7 +226,8 @@ def generate_image(
 
     output: "pil" (list of PIL images) or "tensor" ([N, 3, H, W] in [0, 1]); `sample_latents`
     gives the latents. guidance_scale: classifier-free guidance, eps = uncond + s * (cond - uncond);
-    1 = none; None = the model's default (`model.config.default_guidance_scale`). codec: the model's image codec (`LMFusionPipeline` passes its own).
+    1 = none; None = the model's default (`model.config.default_guidance_scale`). codec: the
+    model's image codec (`LMFusionPipeline` passes its own).
     """
     if output not in ("pil", "tensor"):
         raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")

@@ -47,7 +47,7 @@ class ServeSettings:
     max_body_bytes: int = 16 * 2**20
     steps: int = 50  # defaults for requests that do not say
     guidance_scale: float | None = None  # None: the model's own default (model.config.default_guidance_scale)
-    image_guidance_scale: float | None = None  # edits: guidance toward the source image; None: the model's
+    image_guidance_scale: float | None = None  # edits' guidance toward the source; None: the model's own
     scheduler: str | None = None  # None: the sampler of the model's objective
     caption_tokens: int = 32
     chat_tokens: int = 256
