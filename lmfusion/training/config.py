@@ -133,6 +133,10 @@ class TrainConfig:
             (self.memory_cache_limit_mb >= 0, f"memory_cache_limit_mb must be >= 0, got {self.memory_cache_limit_mb}"),
             (self.data_workers >= 0, f"data_workers must be >= 0, got {self.data_workers}"),
             (self.probe_every >= 0 and self.probe_images >= 1, "probe_every must be >= 0 and probe_images >= 1"),
+            # checked here too, so a bad value fails at start-up rather than after encoding the data
+            (all(s is None or s >= 0 for s in (self.guidance_scale, self.image_guidance_scale)),
+             f"guidance_scale and image_guidance_scale must be >= 0 (1 = none) or null, got "
+             f"{self.guidance_scale} and {self.image_guidance_scale}"),
             (isinstance(self.codec, dict) and "name" in self.codec, f"codec must be a mapping with a 'name', got {self.codec!r}"),
             (bool(self.name) and "/" not in self.name, f"name must be a plain folder name, got {self.name!r}"),
         ]
@@ -180,11 +184,10 @@ class TrainConfig:
 def coerce(name: str, kind: str, value: Any) -> Any:
     """Check a value against its field type; accept the obvious spellings ("3e-4", 1 for 1.0)."""
     try:
-        if kind == "float | None":  # optional: null in YAML, "none" / "null" on the command line
+        if kind == "float | None":  # null in YAML, "none" / "null" on the command line
             if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
                 return None
-            kind = "float"
-        if kind == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if kind in ("float", "float | None") and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return float(value)
         if kind == "int" and not isinstance(value, bool):
             if isinstance(value, (int, str)) or (isinstance(value, float) and value.is_integer()):

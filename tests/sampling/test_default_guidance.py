@@ -4,6 +4,7 @@ wherever no scale is given."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -98,5 +99,7 @@ def test_a_preset_saves_its_measured_scale_with_the_model():
 
     assert load_config("quickstart").guidance_scale == 5.0
     assert load_config("quickstart", overrides={"guidance_scale": "null"}).guidance_scale is None
-    with pytest.raises(ValueError, match="guidance_scale"):
+    with pytest.raises(ValueError, match=re.escape("guidance_scale must be a float | None")):
         load_config("quickstart", overrides={"guidance_scale": "strong"})
+    with pytest.raises(ValueError, match="must be >= 0"):  # at load, before any data is encoded
+        load_config("edit", overrides={"image_guidance_scale": -1})
