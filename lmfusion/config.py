@@ -19,6 +19,12 @@ READOUTS = ("standardize", "plain")
 # Attention kernels: "sdpa" with a dense boolean mask (CPU, short sequences, cached sampling) or
 # "flex", torch's flex_attention with a block-sparse BlockMask (long packed rows on a GPU).
 ATTENTION = ("sdpa", "flex")
+# What tells a patch token where in its image it sits: "none" (the papers: only the LM's 1-D RoPE
+# position, so a patch knows its place relative to its BOI) or "learned" (plus a learned 2-D table,
+# one vector per patch, added to every image's tokens as DiT and BAGEL do). The table lets a target
+# patch find the source patch at the same place by content, which an edit needs: with RoPE alone
+# their distance changes with the instruction's length. Zero at init, so it changes nothing at step 0.
+IMAGE_POSITIONS = ("none", "learned")
 
 # A U-Net small enough for tests and smoke runs (seconds on a CPU); the one place these live.
 TINY_UNET = dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32)
@@ -48,6 +54,7 @@ class LMFusionConfig:
     unet_channels: int = 128
     unet_norm_groups: int = 32
     time_embed_dim: int = 256
+    image_position_embedding: str = "none"  # IMAGE_POSITIONS
 
     # Image objective (lmfusion.diffusion): "flow" (rectified flow, the default: measured to make the
     # model read its prompt, docs/image_learning.md) or the paper's DDPM "eps" (Transfusion: cosine
@@ -88,6 +95,9 @@ class LMFusionConfig:
         for name in ("guidance_scale", "image_guidance_scale"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0 (1 = none) or null, got {getattr(self, name)}")
+        if self.image_position_embedding not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITIONS}, "
+                             f"got {self.image_position_embedding!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.latent_size % self.patch_size:

@@ -48,6 +48,11 @@ class ImageDownBlock(nn.Module):
         self.resnets = nn.ModuleList([_resnet(ch, ch, config) for _ in range(levels + 1)])
         self.downsamplers = nn.ModuleList([Downsample2D(ch, use_conv=True, name="op") for _ in range(levels)])
         self.to_tokens = nn.Conv2d(ch, hidden_size, kernel_size=1)
+        # config.image_position_embedding "learned": where each patch sits, one vector per patch
+        # (row-major, as the tokens). Zero at init, so a model gains it without changing its output.
+        self.position = None
+        if config.image_position_embedding == "learned":
+            self.position = nn.Parameter(torch.zeros(1, config.tokens_per_image, hidden_size))
 
     def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.conv_in(latents)
@@ -59,6 +64,8 @@ class ImageDownBlock(nn.Module):
         h = self.resnets[-1](h, temb)
         skips.append(h)
         tokens = self.to_tokens(h).flatten(2).transpose(1, 2)  # [N, h*w, D], row-major
+        if self.position is not None:
+            tokens = tokens + self.position.to(tokens.dtype)
         return tokens, skips
 
 

@@ -194,8 +194,15 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         key = differ[0]
         raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
                          f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
-    model.load_adapter_state(read_safetensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
-    say(f"init_from: adapter weights loaded from {folder}")
+    state = read_safetensors(folder / WEIGHTS_FILE)
+    gained = []
+    if saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned":
+        # a model trained without the patch-position table gains one, at its init (zero)
+        own = model.adapter_state_dict()
+        gained = [k for k in own if k.endswith("image_in.position") and k not in state]
+        state.update({k: torch.zeros_like(own[k]) for k in gained})
+    model.load_adapter_state(state, folder / WEIGHTS_FILE)
+    say(f"init_from: adapter weights loaded from {folder}" + (" (the patch-position table starts at zero)" if gained else ""))
     return folder
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmfusion.config import TINY_UNET
 from lmfusion.data.shapes_edits import generate_shapes_edits
 from lmfusion.training import train
-from lmfusion.training.checkpoint import load_init_weights
+from lmfusion.training.checkpoint import CheckpointError, load_init_weights
 from lmfusion.training.data import BatchSource, ExamplePlanner, build_batch_source, open_latent_store
 from lmfusion.training.edit_data import EditLatents
 from lmfusion.training.loop import build_model
@@ -100,6 +101,24 @@ def test_init_from_loads_adapter_weights_and_refuses_another_model(make_config, 
     other, _ = build_model(make_config(model={"objective": "eps"}))
     with pytest.raises(ValueError, match="differs from this run's in \\['objective'\\]"):
         load_init_weights(other, tmp_path / "start", say=lambda _: None)
+
+
+def test_init_from_a_model_without_patch_positions_gains_a_zero_table(make_config, tmp_path):
+    """An editing run may add the learned patch-position table on top of a quickstart-style model."""
+    start, _ = build_model(make_config())
+    start.save_pretrained(tmp_path / "start")
+    said = []
+    gaining, _ = build_model(make_config(model={**TINY_UNET, "image_position_embedding": "learned"}))
+    with torch.no_grad():
+        gaining.image_in.position.fill_(1.0)
+    load_init_weights(gaining, tmp_path / "start", say=said.append)
+    assert torch.count_nonzero(gaining.image_in.position) == 0 and "starts at zero" in said[0]
+    for key, value in start.adapter_state_dict().items():
+        assert torch.equal(gaining.adapter_state_dict()[key], value), key
+    gaining.save_pretrained(tmp_path / "with_table")
+    losing, _ = build_model(make_config())  # the other way round would drop trained weights: refused
+    with pytest.raises(CheckpointError, match="unexpected \\['image_in.position'\\]"):
+        load_init_weights(losing, tmp_path / "with_table", say=lambda _: None)
 
 
 def test_webdataset_edits_train_when_the_task_says_edit(make_config, edit_data, tmp_path):
