@@ -202,7 +202,8 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         gained = [k for k in own if k.endswith("image_in.position") and k not in state]
         state.update({k: torch.zeros_like(own[k]) for k in gained})
     model.load_adapter_state(state, folder / WEIGHTS_FILE)
-    say(f"init_from: adapter weights loaded from {folder}" + (" (the patch-position table starts at zero)" if gained else ""))
+    gained_note = " (the patch-position table starts at zero)" if gained else ""
+    say(f"init_from: adapter weights loaded from {folder}{gained_note}")
     return folder
 
 
