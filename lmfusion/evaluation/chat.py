@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
 from ..data.shapes import cell_of
 from ..data.shapes_chat import find_chat_file, read_chat_rows, render_user_turn, user_turn_ids
 from ..data.shapes_oracle import WHITE_BACKGROUND_MIN, match_objects, parse_shapes_image, white_fraction
@@ -136,9 +138,9 @@ def answer_row(pipe, row: dict, settings: ChatEvalSettings, seed: int) -> tuple[
 
 
 def evaluate_chat(checkpoint, data, out=None, settings: ChatEvalSettings | None = None, device: str = "cpu",
-                  report: Callable[[str], None] = print, pipe=None) -> dict[str, Any]:
+                  report: Callable[[str], None] = print, pipe=None, progress: bool = True) -> dict[str, Any]:
     """Answer the test rows, score them and write report.json / report.md / replies.jsonl.
-    `pipe`: an already loaded pipeline (tests), else the checkpoint's."""
+    `pipe`: an already loaded pipeline (tests), else the checkpoint's. `progress`: a bar per turn."""
     from ..model.lmfusion import LMFusionModel
     from ..run_folders import resolve_checkpoint
     from ..sampling.pipeline import LMFusionPipeline
@@ -157,7 +159,7 @@ def evaluate_chat(checkpoint, data, out=None, settings: ChatEvalSettings | None 
     report(f"[eval] answering {len(rows)} held-out chat turns ({settings.steps} steps per image, "
            f"guidance {settings.guidance_scale:g})")
     outcomes, replies = [], []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(tqdm(rows, desc="chat turns", unit="turn", disable=not progress)):
         outcome, parts = answer_row(pipe, row, settings, settings.seed + i)
         outcomes.append(outcome)
         replies.append({"user": row["user"], "kind": row["kind"], "phrasing": outcome["phrasing"],

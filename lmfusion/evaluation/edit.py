@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.edits import find_edits_file, read_edit_records
 from ..data.images import save_image_grid
@@ -134,10 +135,13 @@ def load_edit_test(data: str | Path, size: int, n: int):
             [r.instruction for r in records], rows)
 
 
-def edit_all(pipe, sources, instructions, settings: EditEvalSettings, image_guidance_scale: float) -> torch.Tensor:
+def edit_all(pipe, sources, instructions, settings: EditEvalSettings, image_guidance_scale: float,
+             progress: bool = False) -> torch.Tensor:
     """One edit per source, image i seeded with seed + i, in chunks of batch_size."""
     out = []
-    for start in range(0, len(sources), settings.batch_size):
+    starts = range(0, len(sources), settings.batch_size)
+    bar = tqdm(starts, desc=f"edits, image guidance {image_guidance_scale:g}", unit="batch", disable=not progress)
+    for start in bar:
         chunk = slice(start, start + settings.batch_size)
         seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, len(sources)))]
         out.append(pipe.edit(sources[chunk], instructions[chunk], settings.guidance_scale, image_guidance_scale,
@@ -146,8 +150,9 @@ def edit_all(pipe, sources, instructions, settings: EditEvalSettings, image_guid
 
 
 def evaluate_edits(checkpoint, data, out=None, settings: EditEvalSettings | None = None, device: str = "cpu",
-                   report: Callable[[str], None] = print) -> dict[str, Any]:
-    """Edit the test triples at each image guidance scale, score them and the baselines; write the report."""
+                   report: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Edit the test triples at each image guidance scale, score them and the baselines; write the report.
+    `progress`: a bar per batch of edits."""
     from ..model.lmfusion import LMFusionModel
     from ..run_folders import resolve_checkpoint
     from ..sampling.pipeline import LMFusionPipeline
@@ -169,7 +174,7 @@ def evaluate_edits(checkpoint, data, out=None, settings: EditEvalSettings | None
         name = f"model (image guidance {scale:g})"
         report(f"[eval] editing {len(rows)} test triples ({settings.steps} steps, guidance {settings.guidance_scale:g}, "
                f"image guidance {scale:g})")
-        edited[name] = edit_all(pipe, sources, instructions, settings, scale)
+        edited[name] = edit_all(pipe, sources, instructions, settings, scale, progress)
     if settings.baselines:
         edited["copy the source"] = sources
         report(f"[eval] baseline: generating {len(rows)} images from the target captions alone")
