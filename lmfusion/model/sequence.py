@@ -146,7 +146,7 @@ class SequenceBuilder:
         return example.add_text([self.eos_id])
 
     def chat(self, user_turn: list[int], lead_in: str, n_images: int = 0, reply: str = "",
-             reply_stopped: bool = True) -> Example:
+             reply_stopped: bool = True, clean_single: bool = False) -> Example:
         """A templated conversation: `user_turn` (ids of the rendered user turn, never a target),
         then the assistant's turn, `lead_in [BOI image EOI]... EOS`, or for a text reply
         `reply [EOS]` (EOS only where the base stopped by itself: a reply cut at its token limit
@@ -162,7 +162,9 @@ class SequenceBuilder:
         clean (t = 0, no loss) and the second is the target: at inference the sampler appends a
         finished first image clean before the model draws the second, so this is the layout the
         second image is drawn in (as an edit's source and target); the first image's drawing is
-        learnt from one-image examples, whose requests are the same kind.
+        learnt from one-image examples, whose requests are the same kind. `clean_single`: a lone
+        image enters clean too, with no loss, so the stop after it is learnt after a clean image,
+        as the sampler will have appended it (otherwise only BOI ever follows a clean image's EOI).
         """
         if n_images not in (0, 1, 2):
             raise ValueError(f"a chat example holds 0, 1 or 2 images, got {n_images}")
@@ -171,7 +173,7 @@ class SequenceBuilder:
             return example.add_text(self.encode(reply) + ([self.eos_id] if reply_stopped else []))
         example.add_text(self.encode(lead_in) if lead_in else [])
         for k in range(n_images):
-            clean = n_images == 2 and k == 0
+            clean = (n_images == 2 and k == 0) or (n_images == 1 and clean_single)
             example.add_image(self.boi_id, self.eoi_id, self.tokens_per_image,
                               CLEAN_IMAGE if clean else self.num_train_timesteps)
         return example.add_text([self.eos_id])

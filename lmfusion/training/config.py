@@ -48,6 +48,7 @@ class TrainConfig:
     generate_shapes_chat: int = 0  # > 0: create a shapes chat set of this many conversations at `data` if missing
     chat_edit_data: str = ""  # task chat: an editing set (shapes-edits layout) mixed into the conversations
     chat_edit_ratio: float = 0.0  # task chat: share of examples that are edits from chat_edit_data
+    chat_clean_stop_ratio: float = 0.0  # task chat: share of one-image chats whose image enters clean (no loss)
     init_from: str = ""  # a run / checkpoint / model folder whose adapter weights start the run
     max_text_tokens: int = 64
     image_first_ratio: float = 0.2  # paper: caption before image 80%, image before caption 20%
@@ -118,6 +119,8 @@ class TrainConfig:
             (self.generate_shapes_chat >= 0 and not (self.generate_shapes_chat and self.generate_shapes),
              "generate_shapes_chat must be >= 0, and not given together with generate_shapes (one dataset at `data`)"),
             (self.chat_edit_ratio == 0 or self.task == "chat", "chat_edit_ratio mixes edits into task: chat only"),
+            (0.0 <= self.chat_clean_stop_ratio <= 1.0,
+             f"chat_clean_stop_ratio must be in [0, 1], got {self.chat_clean_stop_ratio}"),
             (0.0 <= self.edit_dropout <= 1 / 3, f"edit_dropout must be in [0, 1/3] (three cases), got {self.edit_dropout}"),
             (self.generate_shapes_edits >= 0 and not (self.generate_shapes_edits and self.generate_shapes),
              "generate_shapes_edits must be >= 0, and not given together with generate_shapes (one dataset at `data`)"),

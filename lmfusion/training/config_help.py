@@ -25,6 +25,8 @@ FIELD_HELP: dict[str, str] = {
             "conversations when it has a chat.jsonl)",
     "chat_edit_data": "task chat: an editing set (shapes-edits layout) mixed into the conversations",
     "chat_edit_ratio": "task chat: share of examples that are edits from chat_edit_data",
+    "chat_clean_stop_ratio": "task chat: share of one-image conversations whose image enters clean with no diffusion "
+                             "loss, so the stop after a finished image is learnt as the sampler meets it (0 = none)",
     "edit_dropout": "editing: share of examples whose instruction, source, or both are dropped, each (two-way guidance)",
     "init_from": "run, checkpoint or model folder whose adapter weights are loaded before step 0 ('' = fresh)",
     "max_text_tokens": "captions are cut to this many tokens",

@@ -279,6 +279,7 @@ class Plan:
     drop_caption: bool = False  # for "edit": the instruction is dropped
     text_index: int = 0  # into the text-only documents, when kind == "text"
     drop_source: bool = False  # "edit" only: the source image is dropped
+    clean_image: bool = False  # "chat" only: a one-image conversation's image enters clean, with no loss
 
 
 class ExamplePlanner:
@@ -290,13 +291,17 @@ class ExamplePlanner:
 
     def __init__(self, n_records: int, seed: int, image_first_ratio: float = 0.2, caption_dropout: float = 0.1,
                  text_only_ratio: float = 0.0, n_texts: int = 0, edit: bool = False, edit_dropout: float = 0.05,
-                 chat: bool = False, n_edits: int = 0, chat_edit_ratio: float = 0.0):
+                 chat: bool = False, n_edits: int = 0, chat_edit_ratio: float = 0.0,
+                 chat_clean_stop_ratio: float = 0.0):
         if n_records <= 0:
             raise ValueError("no usable training records")
         self.n, self.seed, self.n_texts = n_records, seed, n_texts
         # chat: every example is a conversation, except a chat_edit_ratio share of edits drawn from
         # the n_edits mixed-in triples (the conversations keep their epoch permutation)
         self.chat, self.n_edits, self.chat_edit_ratio = chat, n_edits, chat_edit_ratio
+        # the sampler appends a finished image clean, so the stop after one image must also be learnt
+        # after a clean one: in a one-image example the image is otherwise the (noised) target
+        self.chat_clean_stop_ratio = chat_clean_stop_ratio
         self.edit, self.edit_dropout = edit, edit_dropout
         self.image_first_ratio, self.caption_dropout, self.text_only_ratio = image_first_ratio, caption_dropout, text_only_ratio
 
@@ -310,7 +315,7 @@ class ExamplePlanner:
         u = np.random.default_rng([self.seed, _PLAN_SALT, 1 << 40, position]).random(4)
         if self.chat:
             if u[0] >= self.chat_edit_ratio or not self.n_edits:
-                return Plan(record, "chat")
+                return Plan(record, "chat", clean_image=bool(u[2] < self.chat_clean_stop_ratio))
             case = int(u[1] // self.edit_dropout) if self.edit_dropout > 0 else 3
             return Plan(min(int(u[3] * self.n_edits), self.n_edits - 1), "edit", drop_caption=case in (0, 2),
                         drop_source=case in (1, 2))
@@ -353,7 +358,7 @@ class BatchSource:
             user_turn = user_turn_ids(self.builder.tokenizer, row["user"])
             images = self.data.image_rows[plan.record]
             example = self.builder.chat(user_turn, row.get("lead_in") or "", len(images), row.get("reply") or "",
-                                        bool(row.get("reply_stopped", True)))
+                                        bool(row.get("reply_stopped", True)), clean_single=plan.clean_image)
             return example, [("chat", i) for i in images]
         caption = self.data.caption(plan.record)
         if plan.kind == "text":
@@ -404,5 +409,5 @@ def build_batch_source(data: LatentStore, model, config) -> BatchSource:
                              config.text_only_ratio, len(texts), edit=getattr(data, "is_edit", False),
                              edit_dropout=config.edit_dropout, chat=getattr(data, "is_chat", False),
                              n_edits=len(data.edits) if getattr(data, "edits", None) is not None else 0,
-                             chat_edit_ratio=config.chat_edit_ratio)
+                             chat_edit_ratio=config.chat_edit_ratio, chat_clean_stop_ratio=config.chat_clean_stop_ratio)
     return BatchSource(data, builder, planner, texts, config.pack_length)

@@ -48,6 +48,18 @@ def test_two_images_first_clean_second_target_back_to_back(builder):
     assert labels.tolist() == [BOI, BOI, builder.eos_id]  # draw, draw again after EOI, then stop
 
 
+def test_a_clean_single_image_teaches_the_stop_after_a_clean_image(builder):
+    """The sampler appends a finished image clean: a lone clean image, no loss, then EOS."""
+    user = builder.encode("Draw a red circle.")
+    clean = builder.chat(user, "", 1, clean_single=True)
+    assert clean.ids == builder.chat(user, "", 1).ids  # the same tokens; only the image's noise differs
+    assert clean.max_timesteps == [CLEAN_IMAGE]
+    batch, wants, labels = _targets(builder, [clean], torch.zeros(1, 3, 16, 16))
+    assert batch.loss_images.tolist() == [False]
+    assert labels.tolist() == [BOI, builder.eos_id]  # draw, then stop after the clean image's EOI
+    assert builder.chat(user, "", 2, clean_single=True).max_timesteps == [CLEAN_IMAGE, builder.num_train_timesteps]
+
+
 def test_a_reply_cut_at_its_token_limit_has_no_eos_and_bad_counts_are_refused(builder):
     cut = builder.chat([5, 6], "", 0, reply="abc", reply_stopped=False)
     assert cut.ids == [5, 6] + builder.encode("abc")

@@ -52,6 +52,18 @@ def test_planner_mixes_edits_into_chat_at_the_given_ratio():
     assert set(kinds) == {"chat", "edit"} and 0.26 < kinds.count("edit") / len(kinds) < 0.34
 
 
+def test_planner_makes_the_asked_share_of_chats_clean_and_none_by_default():
+    plain = ExamplePlanner(40, seed=0, chat=True, n_edits=10, chat_edit_ratio=0.3)
+    clean = ExamplePlanner(40, seed=0, chat=True, n_edits=10, chat_edit_ratio=0.3, chat_clean_stop_ratio=0.25)
+    plans, plain_plans = [clean.plan(p) for p in range(2000)], [plain.plan(p) for p in range(2000)]
+    assert not any(p.clean_image for p in plain_plans)
+    chats = [p for p in plans if p.kind == "chat"]
+    assert 0.21 < sum(p.clean_image for p in chats) / len(chats) < 0.29
+    assert not any(p.clean_image for p in plans if p.kind == "edit")
+    # the same records and kinds as without it: a run's data order does not move
+    assert [(p.record, p.kind) for p in plans] == [(p.record, p.kind) for p in plain_plans]
+
+
 def boi_wins(model, users: list[str]) -> list[bool]:
     """Per user turn: greedy with BOI allowed picks BOI as the reply's first token (one left-padded batch)."""
     with torch.no_grad():

@@ -38,6 +38,8 @@ def test_unknown_and_bad_keys_are_clear_errors(tmp_path):
         load_config(overrides={"max_steps": 1.5})
     with pytest.raises(ValueError, match="precision"):
         load_config(overrides={"precision": "fp16"})
+    with pytest.raises(ValueError, match="chat_clean_stop_ratio must be in \\[0, 1\\]"):
+        load_config(overrides={"chat_clean_stop_ratio": 1.5})
     with pytest.raises(ValueError, match="unknown preset"):
         load_config("nope")
     with pytest.raises(FileNotFoundError):
