@@ -380,7 +380,8 @@ PRESETS["paper"] = dict(
 # from a quickstart run on 8,000 shapes editing triples ([BOI source EOI] instruction [BOI target EOI],
 # InstructPix2Pix's 5% dropout of instruction, source and both). An edit example holds two images,
 # a quickstart one holds one. 43 min 53 s on 2 AVX2 cores; on held-out edits it changes the asked-for
-# attribute (success 0.63) but rarely keeps the rest (joint 0.13), benchmarks/results/edit.md.
+# attribute (success 0.63) but rarely keeps the rest (joint 0.22 at its image guidance 2.5),
+# benchmarks/results/edit.md.
 # `--init-from ''` trains from fresh image modules.
 PRESETS["edit"] = dict(
     PRESETS["quickstart"],
