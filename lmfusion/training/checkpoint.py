@@ -195,14 +195,11 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
                          f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
     state = read_safetensors(folder / WEIGHTS_FILE)
-    gained = []
-    if saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned":
-        # a model trained without the patch-position table gains one, at its init (zero)
-        own = model.adapter_state_dict()
-        gained = [k for k in own if k.endswith("image_in.position") and k not in state]
-        state.update({k: torch.zeros_like(own[k]) for k in gained})
+    gains_positions = saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned"
+    if gains_positions:  # a model trained without the patch-position table gains one, at its init (zero)
+        state["image_in.position"] = torch.zeros_like(model.image_in.position)
     model.load_adapter_state(state, folder / WEIGHTS_FILE)
-    gained_note = " (the patch-position table starts at zero)" if gained else ""
+    gained_note = " (the patch-position table starts at zero)" if gains_positions else ""
     say(f"init_from: adapter weights loaded from {folder}{gained_note}")
     return folder
 
