@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..utils import publish_directory, staging_directory
 from .shapes import COLOURS, SHAPES, caption_for, render_scene, sample_scene
 from .shapes_edits import HELDOUT_PHRASES, PHRASES, propose_edit
+from .split_writer import check_split_args, write_splits
 
 CHAT_FILE = "chat.jsonl"
 META_FILE = "chat_meta.json"
@@ -171,49 +169,29 @@ def generate_shapes_chat(out_dir: str | os.PathLike, count: int, base_model: str
     base model's greedy replies and lead-ins computed once here. Published whole, as shapes-edits."""
     from ..base_models import load_text_model  # loads torch weights: only when generating
 
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if reply_tokens < 1 or lead_in_tokens < 0:
         raise ValueError(f"reply_tokens must be >= 1 and lead_in_tokens >= 0, got {reply_tokens} and {lead_in_tokens}")
-    out = Path(out_dir)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    out = check_split_args(count, test_fraction, out_dir, overwrite)
     text_model, tokenizer = load_text_model(base_model)
     replies = BaseReplies(text_model.to(device).eval(), tokenizer, reply_tokens, lead_in_tokens)
-    n_test = int(round(count * test_fraction))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_directory(out)
-    streams = {}
-    try:
-        for split in ("train", "test"):
-            (staged / split / "images").mkdir(parents=True)
-            streams[split] = open(staged / split / CHAT_FILE, "w", encoding="utf-8")
-        for index in tqdm(range(count), desc="shapes chat", unit="chat", disable=not progress):
-            split = "test" if index >= count - n_test else "train"
-            row = make_request(seed, index, heldout=split == "test")
-            if row["kind"] == "text":
-                row["reply"], row["reply_stopped"] = replies.reply(row["user"])
-                row["lead_in"], row["images"] = "", []
-            else:
-                row["lead_in"], row["images"] = replies.lead_in(row["user"]), []
-                for k, objects in enumerate(row["objects"]):
-                    name = f"images/{index:06d}_{k}.png"
-                    render_scene(objects, size).save(staged / split / name, format="PNG")
-                    row["images"].append(name)
-            streams[split].write(json.dumps(row) + "\n")
-        for stream in streams.values():
-            stream.close()
-        meta = {"base_model": base_model, "reply_tokens": reply_tokens, "lead_in_tokens": lead_in_tokens,
-                "seed": seed, "count": count, "image_size": size}
-        (staged / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        return publish_directory(staged, out)
-    except BaseException:
-        for stream in streams.values():
-            stream.close()
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+
+    def write_row(index: int, split: str, folder: Path) -> dict:
+        row = make_request(seed, index, heldout=split == "test")
+        if row["kind"] == "text":
+            row["reply"], row["reply_stopped"] = replies.reply(row["user"])
+            row["lead_in"], row["images"] = "", []
+        else:
+            row["lead_in"], row["images"] = replies.lead_in(row["user"]), []
+            for k, objects in enumerate(row["objects"]):
+                name = f"images/{index:06d}_{k}.png"
+                render_scene(objects, size).save(folder / name, format="PNG")
+                row["images"].append(name)
+        return row
+
+    meta = {"base_model": base_model, "reply_tokens": reply_tokens, "lead_in_tokens": lead_in_tokens,
+            "seed": seed, "count": count, "image_size": size}
+    return write_splits(out, count, test_fraction, CHAT_FILE, write_row, desc="shapes chat", unit="chat",
+                        progress=progress, extra_files={META_FILE: json.dumps(meta, indent=1) + "\n"})
 
 
 def find_chat_file(data: str | os.PathLike, split: str = "train") -> Path | None:

@@ -13,20 +13,17 @@ composes an edit or memorised its pairs.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ..utils import publish_directory, staging_directory
 from .edits import EDITS_FILE
 from .shapes import CELL_PHRASES, COLOURS, GRID, SHAPES, SIZES, caption_for, cell_centre, cell_of, render_scene
 from .shapes import _place, _random_object, sample_scene
 from .shapes_oracle import infer_relation
+from .split_writer import check_split_args, write_splits
 
 EDIT_TYPES = ("recolour", "resize", "move", "reshape", "add", "remove")
 _EDIT_SALT = 0xED17
@@ -164,34 +161,15 @@ def generate_shapes_edits(out_dir: str | os.PathLike, count: int, size: int = 64
     results, see make_edit). Written to a staging folder and published whole, so an
     interrupted run leaves nothing that looks complete.
     """
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    out = Path(out_dir)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not overwrite):
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    n_test = int(round(count * test_fraction))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = staging_directory(out)
-    streams = {}
-    try:
-        for split in ("train", "test"):
-            (staged / split / "images").mkdir(parents=True)
-            streams[split] = open(staged / split / EDITS_FILE, "w", encoding="utf-8")
-        for index in tqdm(range(count), desc="shapes edits", unit="edit", disable=not progress):
-            split = "test" if index >= count - n_test else "train"
-            row = make_edit(seed, index, heldout=split == "test")
-            for role in ("source", "target"):
-                name = f"images/{index:06d}_{role}.png"
-                render_scene(row[f"{role}_objects"], size).save(staged / split / name, format="PNG")
-                row[role] = name
-            streams[split].write(json.dumps(row) + "\n")
-        for stream in streams.values():
-            stream.close()
-        return publish_directory(staged, out)
-    except BaseException:
-        for stream in streams.values():
-            stream.close()
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    out = check_split_args(count, test_fraction, out_dir, overwrite)
+
+    def write_row(index: int, split: str, folder: Path) -> dict:
+        row = make_edit(seed, index, heldout=split == "test")
+        for role in ("source", "target"):
+            name = f"images/{index:06d}_{role}.png"
+            render_scene(row[f"{role}_objects"], size).save(folder / name, format="PNG")
+            row[role] = name
+        return row
+
+    return write_splits(out, count, test_fraction, EDITS_FILE, write_row, desc="shapes edits", unit="edit",
+                        progress=progress)
