@@ -32,18 +32,7 @@ class DiffusionOptions(_Request):
 
 
 class ImageRequest(DiffusionOptions):
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    stream: bool | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-
-
-class EditForm(DiffusionOptions):
-    """The text fields of `POST /v1/images/edits` (a multipart form; the image is a file field)."""
+    """The body of `POST /v1/images/generations` (OpenAI's fields; `size` must match the model's)."""
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None
@@ -53,6 +42,12 @@ class EditForm(DiffusionOptions):
     output_format: Literal["png", "jpeg", "webp"] | None = None
     stream: bool | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+
+class EditForm(ImageRequest):
+    """The text fields of `POST /v1/images/edits` (a multipart form; the image is a file field):
+    the generation request's fields plus the guidance toward the source image."""
+
     image_guidance_scale: float | None = Field(None, ge=0, le=50, description="guidance toward the source; 1 = none")
 
 
