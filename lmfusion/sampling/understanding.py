@@ -72,6 +72,14 @@ def answer_batch(model, images_per_question: Sequence[Sequence], questions: Sequ
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, use_cache: bool = True) -> list[str]:
     """One answer per question; `images_per_question[i]` are the images (paths / PIL) question i is about."""
     token_lists, vision = vlm_inputs(model, images_per_question, questions)
+    return answer_inputs(model, token_lists, vision, max_new_tokens, temperature, top_p, seed, use_cache)
+
+
+@torch.no_grad()
+def answer_inputs(model, token_lists: list[list[int]], vision: dict, max_new_tokens: int = 32,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  use_cache: bool = True) -> list[str]:
+    """`answer_batch` on prompts `vlm_inputs` already built (a caller that also counts their tokens)."""
     picker = TokenPicker(temperature, top_p, seed)
     context = Context.from_tokens(model, token_lists, use_cache=use_cache, vision=vision)
     new_ids = decode(context, max_new_tokens, picker, vocabulary_mask(model), eos_ids(model, base_only=True))

@@ -125,12 +125,13 @@ class Engine:
     def answer(self, images: list[bytes], question: str, max_tokens: int, temperature: float, top_p: float,
                seed: int | None) -> TextResult:
         """A VLM base's answer to `question` about all of `images` (one prompt); no question: a caption."""
-        from ..sampling.understanding import DEFAULT_CAPTION_QUESTION, answer, vlm_inputs
+        from ..sampling.understanding import DEFAULT_CAPTION_QUESTION, answer_inputs, vlm_inputs
 
         question = question if question.strip() else DEFAULT_CAPTION_QUESTION
-        prompt_tokens = len(vlm_inputs(self.model, [list(images)], [question])[0][0])  # image features included
-        text = answer(self.model, list(images), question, max_new_tokens=max_tokens, temperature=temperature,
-                      top_p=top_p, seed=seed)
+        token_lists, vision = vlm_inputs(self.model, [list(images)], [question])  # the processor runs once
+        prompt_tokens = len(token_lists[0])  # image features included
+        text = answer_inputs(self.model, token_lists, vision, max_new_tokens=max_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed)[0]
         completion_tokens = len(self.tokenizer(text, add_special_tokens=False).input_ids)
         finish = "length" if completion_tokens >= max_tokens else "stop"
         return TextResult(text, finish, prompt_tokens, completion_tokens)
