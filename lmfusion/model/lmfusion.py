@@ -210,7 +210,9 @@ class LMFusionModel(nn.Module):
         """Rebuild a saved model. `base_model` overrides where the base LM is loaded from.
 
         A damaged or foreign file raises CheckpointError (a ValueError) naming that file; the
-        folder's manifest, where it has one, is verified before anything is loaded.
+        folder's manifest, where it has one, is verified before anything is loaded. The base is
+        loaded in float32, the precision its hash was taken in at training, and the whole model is
+        cast to `dtype` after the check (so a bfloat16 load briefly holds the base in float32).
         """
         from pathlib import Path
 
@@ -219,7 +221,7 @@ class LMFusionModel(nn.Module):
             raise FileNotFoundError(f"{directory} is not an LMFusion checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         verify_manifest(directory)
         config = LMFusionConfig.load(directory / CONFIG_FILE)
-        text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=dtype)
+        text_model, tokenizer = load_text_model(base_model or config.base_model, dtype=torch.float32)
         processor = load_processor(base_model or config.base_model) if is_vlm(text_model) else None
         tokenizer = processor.tokenizer if processor is not None else tokenizer
         found = None

@@ -121,6 +121,16 @@ def test_load_refuses_another_base_model(model, tmp_path):
         LMFusionModel.from_pretrained(tmp_path / "ckpt", base_model=str(other))
 
 
+def test_a_bfloat16_load_passes_the_base_check_and_is_bfloat16(model, tmp_path):
+    # The base's hash is taken in float32 at training; a bf16 load must check that, not its cast.
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LMFusionModel.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    other = save_tiny_base(tmp_path / "other_base", seed=1)
+    with pytest.raises(ValueError, match="wrong base model"):
+        LMFusionModel.from_pretrained(tmp_path / "ckpt", base_model=str(other), dtype=torch.bfloat16)
+
+
 def test_load_refuses_non_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an LMFusion checkpoint"):
         LMFusionModel.from_pretrained(tmp_path)
