@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

@@ -8,7 +8,6 @@ TAEF2 tests need the pretrained files (``../shared/taef2`` next to the repo, or
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np

@@ -85,8 +85,6 @@ def test_an_image_appended_as_the_vlm_reads_it_equals_the_processor_prompt(vlm_c
 
 @pytest.mark.parametrize("image_context", ["latents", "vlm", "both"])
 def test_a_drawn_image_enters_the_context_as_asked(vlm_checkpoint, image_context):
-    from lmfusion.sampling.interleaved import InterleavedSession
-
     model, _ = vlm_checkpoint
     pipe = LMFusionPipeline(model)
     saved = model.special_head.weight.detach().clone()

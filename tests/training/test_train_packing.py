@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from lmfusion.training import train
 from lmfusion.training.data import build_batch_source, load_or_encode
