@@ -246,9 +246,10 @@ def read_yaml(path: str | Path) -> dict:
 PRESETS: dict[str, dict] = {
     # The README's main job: SmolLM2-135M (frozen) + image copies of its 30 layers, the shipped
     # TAEF2 codec (64 px -> 8x8x32 latents, 2x2 patches: 16 tokens per image), single-object
-    # shapes, the flow objective with the high-noise shift and the standardising readout. About
-    # 12 minutes on 2 CPU cores; ends in a model that draws the prompted colour on white and
-    # captions colour, shape and size (benchmarks/results/quickstart.md).
+    # shapes, the flow objective with the high-noise shift and the standardising readout. 13-34
+    # minutes on 2 CPU cores; on AVX2 machines it ends in a model that draws the prompted colour on
+    # white and captions colour, shape and size, but other CPUs (other float rounding) and other
+    # training seeds can end far worse: one Zen 4 run learnt no colour (benchmarks/results/quickstart.md).
     "quickstart": dict(
         name="quickstart",
         base_model="smollm2-135m",
