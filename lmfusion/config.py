@@ -55,6 +55,11 @@ class LMFusionConfig:
     unet_norm_groups: int = 32
     time_embed_dim: int = 256
     image_position_embedding: str = "none"  # IMAGE_POSITIONS
+    # Training only: the share of images whose up block gets the down block's skips zeroed, so it
+    # must denoise from the transformer's states alone. Guards against the U-Net failure mode of
+    # docs/image_learning.md (the skips do the denoising and the prompt is bypassed), which one
+    # quickstart training seed fell into. 0 = always use them (the paper). Sampling always uses them.
+    skip_dropout: float = 0.0
 
     # Image objective (lmfusion.diffusion): "flow" (rectified flow, the default: measured to make the
     # model read its prompt, docs/image_learning.md) or the paper's DDPM "eps" (Transfusion: cosine
@@ -100,6 +105,8 @@ class LMFusionConfig:
                              f"got {self.image_position_embedding!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if not 0.0 <= self.skip_dropout < 1.0:
+            raise ValueError(f"skip_dropout must be in [0, 1), got {self.skip_dropout}")
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.patch_size & (self.patch_size - 1):

@@ -92,6 +92,7 @@ class ImageUpBlock(nn.Module):
         self.resnets = nn.ModuleList([_resnet(2 * ch, ch, config) for _ in range(levels)])
         self.norm_out = nn.GroupNorm(config.unet_norm_groups, ch)
         self.conv_out = nn.Conv2d(ch, config.latent_channels, kernel_size=3, padding=1)
+        self.skip_dropout = config.skip_dropout
         # Start by predicting zero noise: the first steps do not fight a random output head.
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -99,6 +100,11 @@ class ImageUpBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]
         skips = list(skips)
+        if self.training and self.skip_dropout > 0:
+            # Per image, all resolutions at once; zeros, not rescaled, as a dropped CFG condition:
+            # at inference the skips are always there, a case training saw (1 - p) of the time.
+            keep = (torch.rand(n, 1, 1, 1, device=hidden.device) >= self.skip_dropout).to(skips[0].dtype)
+            skips = [skip * keep for skip in skips]
         if self.standardize is not None:
             hidden = self.standardize(hidden.reshape(-1, hidden.shape[-1]).float()).to(hidden.dtype).view_as(hidden)
         h = self.from_tokens(hidden.transpose(1, 2).reshape(n, -1, self.side, self.side))
