@@ -27,7 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from ..model.probes import image_probes
+from ..model.probes import bypass_warning, image_probes
 from .data import BatchSource, build_batch_source, ensure_dataset, open_latent_store, probe_records
 from .metrics import peak_flops, step_flops, unet_forward_flops
 from .parallelize import compile_layers
@@ -262,7 +262,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             if peak:  # MFU only where the device's peak is known (not on a CPU)
                 metrics["mfu"] = metrics["flops_per_s"] / (peak * info.world_size)
             if probes is not None and (step % config.probe_every == 0 or step == config.max_steps):
-                metrics.update(log.probes(image_probes(model, probes[0], probes[1], seed=config.seed), step))
+                metrics.update(log.probes(image_probes(model, probes[0], probes[1], seed=config.seed), step,
+                                          config.warmup_steps))
             history.append(metrics)
             log.step(metrics, progress, every=config.log_every)
             if step == first_step + 1:
@@ -435,7 +436,7 @@ class RunLog:
                      + (f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
                      + f", {100 * metrics['packing_efficiency']:.0f}% of positions real")
 
-    def probes(self, values: dict, step: int) -> dict:
+    def probes(self, values: dict, step: int, warmup_steps: int = 0) -> dict:
         """Whether the image path listens to its prompt (lmfusion.model.probes), in the log and TensorBoard."""
         if not self.enabled:
             return {}
@@ -443,6 +444,9 @@ class RunLog:
             self.writer.add_scalar(f"probes/{key}", value, step)
         gains = " ".join(f"{band} {values[f'prompt_gain/{band}']:+.3f}" for band in ("low", "mid", "high"))
         self.say(f"step {step}: prompt gain {gains}; stack dependence {values['stack_dependence']:.3f}")
+        warning = bypass_warning(values, step, warmup_steps)
+        if warning is not None:
+            self.say(warning)
         return {f"probe/{k}": v for k, v in values.items()}
 
     def close(self) -> None:

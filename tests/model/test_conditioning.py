@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmfusion.model.lmfusion import LMFusionModel
-from lmfusion.model.probes import image_probes
+from lmfusion.model.probes import BYPASS_BELOW, bypass_warning, image_probes
 from lmfusion.model.sequence import SequenceBuilder
 from lmfusion.sampling.image import sample_latents
 from lmfusion.testing import tiny_lmfusion_config, tiny_text_model, tiny_tokenizer
@@ -57,3 +57,12 @@ def test_samples_follow_the_prompt_and_stay_in_range(conditioned):
     for image, want, other in [(samples[0], RED, BLUE), (samples[1], RED, BLUE),
                                (samples[2], BLUE, RED), (samples[3], BLUE, RED)]:
         assert (image - want).pow(2).mean() < 0.25 * (image - other).pow(2).mean()
+
+
+def test_a_bypassing_stack_is_warned_about_in_one_line():
+    assert bypass_warning({"stack_dependence": BYPASS_BELOW + 0.01}, step=300) is None
+    assert bypass_warning({"prompt_gain/high": 0.3}, step=300) is None  # no stack probe, nothing to say
+    assert bypass_warning({"stack_dependence": 0.09}, step=20) is None  # too early to tell
+    assert bypass_warning({"stack_dependence": 0.09}, step=300, warmup_steps=500) is None  # still warming up
+    warning = bypass_warning({"stack_dependence": 0.09}, step=300)
+    assert warning.startswith("WARNING: stack dependence 0.090") and "\n" not in warning
