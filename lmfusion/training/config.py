@@ -412,10 +412,11 @@ PRESETS["edit"] = dict(
 # conversations (3,000: one-image, two-image and text-only requests in turn; the text replies are
 # SmolLM2-135M-Instruct's own greedy ones, generated once at data time), half of the examples edits
 # from its own 3,000 shapes-edits triples (200 steps see ~1,600 of them). It starts from a quickstart
-# run (init_from), so drawing and captioning are there and the run learns when to draw. Measured
-# (benchmarks/results/chat.md): 49 min 35 s of training plus ~10 min of data on a Zen 1 AVX2 VM
-# (14.8 s a step); held out, BOI F1 1.00, no false draws, text replies identical to the base, but
-# one-image requests often get a second image (image count 0.42 for them, 0.94 for two-image ones).
+# run (init_from), so drawing and captioning are there and the run learns when to draw. Half the
+# one-image chats show their image clean (chat_clean_stop_ratio), so the stop after an image is also
+# learnt in the clean context the sampler draws in. Measured (benchmarks/results/chat.md): ~50 min of
+# training plus ~10 min of data on a Zen 1 AVX2 VM; held out, BOI F1 1.00, no false draws, text
+# replies identical to the base, image count right 0.92 (0.61 without the clean stops, same start).
 PRESETS["instruct"] = dict(
     PRESETS["edit"],
     name="instruct",
@@ -425,6 +426,7 @@ PRESETS["instruct"] = dict(
     chat_edit_data="data/shapes_edits_3k",
     generate_shapes_edits=3000,  # at chat_edit_data, when a chat run asks for it
     chat_edit_ratio=0.5,
+    chat_clean_stop_ratio=0.5,
     max_steps=200,
     sample_every=0,  # chat runs write no sample grid; `lmfusion eval --task chat` measures them
 )
