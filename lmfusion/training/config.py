@@ -415,8 +415,9 @@ PRESETS["edit"] = dict(
 # run (init_from), so drawing and captioning are there and the run learns when to draw. Half the
 # one-image chats show their image clean (chat_clean_stop_ratio), so the stop after an image is also
 # learnt in the clean context the sampler draws in. Measured (benchmarks/results/chat.md): ~50 min of
-# training plus ~10 min of data on a Zen 1 AVX2 VM; held out, BOI F1 1.00, no false draws, text
-# replies identical to the base, image count right 0.92 (0.61 without the clean stops, same start).
+# training plus ~10 min of data on a Zen 1 AVX2 VM; held out (a Zen 4 pair from one start), BOI F1
+# 1.00, no false draws, text replies identical to the base, image count right 0.92 (0.61 without
+# the clean stops).
 PRESETS["instruct"] = dict(
     PRESETS["edit"],
     name="instruct",
