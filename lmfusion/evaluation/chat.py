@@ -7,6 +7,8 @@ answered greedily with BOI allowed (the interleaved sampler, as `lmfusion chat` 
                      (training phrasings on new scenes, unseen phrasings, unseen paraphrases); each
                      group's positives are its drawing requests, its negatives every text question
     false_draw_rate  share of text questions answered with an image
+    false_draw_freeform  the same on hand-written questions no template writes (chat_freeform.txt),
+                     many naming a colour or a shape; kept apart from the F1's negatives
     image_count      share of drawing requests answered with exactly the asked number of images
                      (1 for "draw X", 2 for "draw X, then edit it"), per kind and overall
     image_right      per requested image, whether the shapes oracle reads back the asked object
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,13 @@ from ..data.shapes_oracle import WHITE_BACKGROUND_MIN, match_objects, parse_shap
 from ..utils import atomic_write_bytes
 
 GROUPS = ("seen", "unseen_phrasing", "unseen_paraphrase")
+FREEFORM = "freeform"  # the phrasing of the hand-written text questions
+
+
+def freeform_questions() -> list[str]:
+    """The hand-written held-out text questions shipped with lmfusion (one per line, # comments)."""
+    text = resources.files(__package__).joinpath("chat_freeform.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 @dataclass
@@ -44,6 +54,7 @@ class ChatEvalSettings:
     max_images: int = 3  # more than any request asks, so over-drawing is counted, not prevented
     seed: int = 0
     base_model: str | None = None
+    freeform: bool = True  # also ask the hand-written text questions of chat_freeform.txt
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.steps < 1 or self.max_new_tokens < 1 or self.max_images < 1:
@@ -80,7 +91,8 @@ def chat_metrics(outcomes: list[dict]) -> dict[str, Any]:
     """The report's figures from per-row outcomes, each {"kind", "phrasing", "drawn" (images
     drawn), "image_right" (a list of 0/1, one per requested image; draw rows), "identical" (text
     rows)}. Pure, so hand-made cases test it."""
-    text = [o for o in outcomes if o["kind"] == "text"]
+    freeform = [o for o in outcomes if o["kind"] == "text" and o["phrasing"] == FREEFORM]
+    text = [o for o in outcomes if o["kind"] == "text" and o["phrasing"] != FREEFORM]
     draws = [o for o in outcomes if o["kind"] != "text"]
     false_pos = sum(o["drawn"] > 0 for o in text)
     result: dict[str, Any] = {"n": {"text": len(text), "draw": sum(o["kind"] == "draw" for o in draws),
@@ -104,6 +116,10 @@ def chat_metrics(outcomes: list[dict]) -> dict[str, Any]:
         if scores:
             result["image_right"][f"{kind} image {position + 1}"] = sum(scores) / len(scores)
     result["text_identical"] = sum(bool(o["identical"]) for o in text) / len(text) if text else None
+    if freeform:
+        result["n"]["freeform"] = len(freeform)
+        result["false_draw_freeform"] = sum(o["drawn"] > 0 for o in freeform) / len(freeform)
+        result["text_identical_freeform"] = sum(bool(o["identical"]) for o in freeform) / len(freeform)
     return result
 
 
@@ -155,6 +171,8 @@ def evaluate_chat(checkpoint, data, out=None, settings: ChatEvalSettings | None 
         default = default_out_dir(model_dir)
         out = Path(out) if out is not None else default.with_name(default.name + "-chat")
     folder, rows = load_chat_test(data, settings.n)
+    if settings.freeform:
+        rows += [{"kind": "text", "phrasing": FREEFORM, "user": q, "objects": []} for q in freeform_questions()]
     report(f"[eval] answering {len(rows)} held-out chat turns ({settings.steps} steps per image, "
            f"guidance {settings.guidance_scale:g})")
     outcomes, replies = [], []
@@ -178,8 +196,9 @@ def summary_line(result: dict) -> str:
     m = result["metrics"]
     f1s = " ".join(f"{g} {v['f1']:.3f}" for g, v in m["boi_f1"].items())
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    return (f"[eval] chat | BOI F1 {f1s} | false draws {fmt(m['false_draw_rate'])} | image count "
-            f"{fmt(m['image_count'].get('all'))} | text identical {fmt(m['text_identical'])}")
+    return (f"[eval] chat | BOI F1 {f1s} | false draws {fmt(m['false_draw_rate'])} (hand-written "
+            f"{fmt(m.get('false_draw_freeform'))}) | image count {fmt(m['image_count'].get('all'))} | text identical "
+            f"{fmt(m['text_identical'])}")
 
 
 def markdown(result: dict) -> str:
@@ -196,6 +215,10 @@ def markdown(result: dict) -> str:
     lines += [f"| image right (oracle) | {k} | {v:.3f} |" for k, v in m["image_right"].items()]
     if m["text_identical"] is not None:
         lines.append(f"| text reply = base's | text questions | {m['text_identical']:.3f} |")
+    if m.get("false_draw_freeform") is not None:
+        lines.append(f"| false-draw rate | hand-written questions (n {m['n']['freeform']}) | "
+                     f"{m['false_draw_freeform']:.3f} |")
+        lines.append(f"| text reply = base's | hand-written questions | {m['text_identical_freeform']:.3f} |")
     return "\n".join(lines) + "\n\nEvery reply: `replies.jsonl`.\n"
 
 

@@ -45,10 +45,16 @@ def register(subparsers) -> None:
     p.add_argument("--image-guidance-scale", type=float, nargs="+", default=[DEFAULT_IMAGE_GUIDANCE_SCALE],
                    help="--task edit: guidance toward the source image, one run per value given (e.g. 1 1.5 to measure "
                         f"what it adds); 1 = none (default {DEFAULT_IMAGE_GUIDANCE_SCALE})")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="--task edit: below 1, start every edit from its source noised to this share of the steps "
+                        "(SDEdit) instead of pure noise (default 1)")
     p.add_argument("--no-baselines", action="store_true",
                    help="--task edit: skip the copy-the-source and target-caption-alone baselines")
     p.add_argument("--max-new-tokens", type=int, default=ChatEvalSettings.max_new_tokens,
                    help=f"--task chat: tokens per reply (default {ChatEvalSettings.max_new_tokens}, shapes-chat's reply length)")
+    p.add_argument("--no-freeform", action="store_true",
+                   help="--task chat: skip the hand-written text questions (lmfusion/evaluation/chat_freeform.txt) "
+                        "asked after the test turns")
     p.add_argument("--seed", type=int, default=0, help="seed of generated image i is seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (default 16)")
     p.add_argument("--base-model", default=None, help="load the base LM from here instead of the checkpoint's base_model")
@@ -83,7 +89,7 @@ def _run_edit_eval(args) -> int:
         n=EditEvalSettings.n if args.n is None else args.n, steps=args.steps,
         guidance_scale=EditEvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         image_guidance_scales=list(args.image_guidance_scale), seed=args.seed, batch_size=args.batch_size,
-        baselines=not args.no_baselines, base_model=args.base_model,
+        baselines=not args.no_baselines, base_model=args.base_model, strength=args.strength,
     )
     _check_paths_and_threads(args)
     result = evaluate_edits(args.checkpoint, args.data, args.out, settings, device=args.device)
@@ -97,7 +103,7 @@ def _run_chat_eval(args) -> int:
     settings = ChatEvalSettings(
         n=ChatEvalSettings.n if args.n is None else args.n, steps=args.steps,
         guidance_scale=ChatEvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, base_model=args.base_model,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, base_model=args.base_model, freeform=not args.no_freeform,
     )
     _check_paths_and_threads(args)
     result = evaluate_chat(args.checkpoint, args.data, args.out, settings, device=args.device)

@@ -10,7 +10,8 @@ import torch
 from lmfusion.cli import main
 from lmfusion.data.shapes import render_scene
 from lmfusion.data.shapes_chat import generate_shapes_chat
-from lmfusion.evaluation.chat import ChatEvalSettings, chat_metrics, evaluate_chat, f1, image_matches
+from lmfusion.evaluation.chat import (ChatEvalSettings, chat_metrics, evaluate_chat, f1, freeform_questions,
+                                      image_matches)
 from lmfusion.model.lmfusion import LMFusionModel
 from lmfusion.sampling.pipeline import LMFusionPipeline
 
@@ -38,6 +39,19 @@ def test_metrics_on_hand_made_outcomes():
     assert m["image_right"] == {"draw image 1": 0.5, "draw_edit image 1": 1.0, "draw_edit image 2": 0.0}
     assert m["text_identical"] == 0.5
     assert f1(0, 0, 0) == 0.0
+    assert "false_draw_freeform" not in m  # none asked, no figure
+
+
+def test_hand_written_questions_are_scored_apart_from_the_f1():
+    outcomes = [_draw("draw", "seen", 1, [1.0]), {"kind": "text", "phrasing": "unseen", "drawn": 0, "identical": True},
+                {"kind": "text", "phrasing": "freeform", "drawn": 1, "identical": False},
+                {"kind": "text", "phrasing": "freeform", "drawn": 0, "identical": True},
+                {"kind": "text", "phrasing": "freeform", "drawn": 0, "identical": True},
+                {"kind": "text", "phrasing": "freeform", "drawn": 0, "identical": False}]
+    m = chat_metrics(outcomes)
+    assert m["boi_f1"]["all"]["f1"] == 1.0 and m["false_draw_rate"] == 0.0  # the templates' figures, unchanged
+    assert m["n"]["text"] == 1 and m["n"]["freeform"] == 4
+    assert m["false_draw_freeform"] == 0.25 and m["text_identical_freeform"] == 0.5
 
 
 def test_the_oracle_reads_the_asked_object_back():
@@ -58,10 +72,13 @@ def test_an_untrained_model_never_draws_and_replies_as_the_base(tmp_path, tiny_c
     assert main(["eval", "--task", "chat", "--checkpoint", str(tiny_checkpoint), "--data", str(chat_set), "--out",
                  str(out), "--steps", "1", "--guidance-scale", "1", "--max-new-tokens", "4"]) == 0
     m = json.loads((out / "report.json").read_text())["metrics"]
-    assert m["n"] == {"text": 2, "draw": 2, "draw_edit": 2}
+    n_freeform = len(freeform_questions())
+    assert m["n"] == {"text": 2, "draw": 2, "draw_edit": 2, "freeform": n_freeform}
     assert m["false_draw_rate"] == 0.0 and m["boi_f1"]["all"]["f1"] == 0.0 and m["image_count"]["all"] == 0.0
     assert m["text_identical"] == 1.0  # the frozen text path: the base's greedy reply, token for token
-    assert "BOI F1" in (out / "report.md").read_text() and len((out / "replies.jsonl").read_text().splitlines()) == 6
+    assert m["false_draw_freeform"] == 0.0 and m["text_identical_freeform"] == 1.0
+    assert "hand-written" in (out / "report.md").read_text()
+    assert len((out / "replies.jsonl").read_text().splitlines()) == 6 + n_freeform
 
 
 def test_a_model_that_always_draws_is_scored_as_such(tiny_checkpoint, chat_set):
@@ -75,7 +92,7 @@ def test_a_model_that_always_draws_is_scored_as_such(tiny_checkpoint, chat_set):
 
     model = LMFusionModel.from_pretrained(tiny_checkpoint).eval()
     model.special_head = AlwaysBOI(model.special_head.weight.shape[1])
-    settings = ChatEvalSettings(n=6, steps=1, guidance_scale=1, max_new_tokens=8, max_images=3)
+    settings = ChatEvalSettings(n=6, steps=1, guidance_scale=1, max_new_tokens=8, max_images=3, freeform=False)
     m = evaluate_chat("in-memory", chat_set, settings=settings, pipe=LMFusionPipeline(model), report=lambda _: None)["metrics"]
     assert m["false_draw_rate"] == 1.0 and m["text_identical"] == 0.0
     assert m["boi_f1"]["all"]["f1"] == pytest.approx(2 * 4 / (2 * 4 + 2))  # every request drew; both questions too
