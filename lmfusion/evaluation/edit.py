@@ -34,6 +34,7 @@ from ..data.shapes import cell_of
 from ..data.shapes_edits import EDIT_TYPES
 from ..data.shapes_oracle import WHITE_BACKGROUND_MIN, match_objects, parse_shapes_image, white_fraction
 from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
+from ..sampling.image import check_strength
 from ..utils import atomic_write_bytes
 from .generation import generate_images
 
@@ -52,10 +53,12 @@ class EditEvalSettings:
     batch_size: int = 16
     baselines: bool = True
     base_model: str | None = None
+    strength: float = 1.0  # < 1: start each edit from its source noised part of the way (SDEdit)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("n, steps and batch_size must be positive")
+        check_strength(self.strength)
         if self.guidance_scale < 0 or not self.image_guidance_scales or min(self.image_guidance_scales) < 0:
             raise ValueError("guidance scales must be >= 0 (1 = none), with at least one image guidance scale")
 
@@ -145,7 +148,8 @@ def edit_all(pipe, sources, instructions, settings: EditEvalSettings, image_guid
         chunk = slice(start, start + settings.batch_size)
         seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, len(sources)))]
         out.append(pipe.edit(sources[chunk], instructions[chunk], settings.guidance_scale, image_guidance_scale,
-                             settings.steps, seeds, settings.scheduler, output="tensor", progress=False))
+                             settings.steps, seeds, settings.scheduler, output="tensor", progress=False,
+                             strength=settings.strength))
     return torch.cat(out)
 
 
@@ -171,7 +175,7 @@ def evaluate_edits(checkpoint, data, out=None, settings: EditEvalSettings | None
                               "machine": machine_description(device), "methods": {}}
     edited = {}
     for scale in settings.image_guidance_scales:
-        name = f"model (image guidance {scale:g})"
+        name = f"model (image guidance {scale:g}" + (f", strength {settings.strength:g})" if settings.strength < 1 else ")")
         report(f"[eval] editing {len(rows)} test triples ({settings.steps} steps, guidance {settings.guidance_scale:g}, "
                f"image guidance {scale:g})")
         edited[name] = edit_all(pipe, sources, instructions, settings, scale, progress)

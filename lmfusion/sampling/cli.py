@@ -80,6 +80,10 @@ def _add_edit(subparsers) -> None:
                    help="guidance toward the source image; above 1 preserves more of it, 1 = none (default: the "
                         "model's own, saved with it by its preset, e.g. the edit preset's 2.5; "
                         f"{DEFAULT_IMAGE_GUIDANCE_SCALE} for a model that saved none)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="in (0, 1]: below 1, start from the source noised to this share of the steps and run only "
+                        "those (SDEdit, as diffusers' img2img strength); keeps more of the source's layout. "
+                        "1 = from pure noise (default)")
     _add_diffusion_args(p)
     p.set_defaults(func=run_edit)
 
@@ -153,7 +157,8 @@ def run_edit(args) -> int:
     from ..data.images import verify_image
     from .edit import check_edit_args
 
-    check_edit_args(args.steps, args.guidance_scale, args.image_guidance_scale, args.n, args.scheduler)
+    check_edit_args(args.steps, args.guidance_scale, args.image_guidance_scale, args.n, args.scheduler,
+                    strength=args.strength)
     if not args.prompt.strip():
         raise ValueError("prompt is empty: say what to change, e.g. 'make it blue'")
     verify_image(args.image)  # raises BadImageError (a ValueError) naming the file
@@ -161,7 +166,7 @@ def run_edit(args) -> int:
     image_format = _image_format(out)
     pipe = _load(args)
     images = pipe.edit(args.image, args.prompt, args.guidance_scale, args.image_guidance_scale, args.steps,
-                       args.seed, args.scheduler, args.n, output="tensor")
+                       args.seed, args.scheduler, args.n, output="tensor", strength=args.strength)
     from ..data.images import make_grid
 
     _save(images[0] if args.n == 1 else make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out, image_format)

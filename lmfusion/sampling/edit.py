@@ -20,8 +20,8 @@ import torch
 
 from ..codecs.base import ImageCodec
 from .context import Context
-from .image import (check_sampling_args, decode_latents, denoise, encode_images, image_generators, load_images,
-                    prompt_tokens, resolve_guidance_scale)
+from .image import (check_sampling_args, check_strength, decode_latents, denoise, encode_images, image_generators,
+                    load_images, prompt_tokens, resolve_guidance_scale)
 
 
 def resolve_image_guidance_scale(model, image_guidance_scale: float | None) -> float:
@@ -30,8 +30,9 @@ def resolve_image_guidance_scale(model, image_guidance_scale: float | None) -> f
 
 
 def check_edit_args(steps: int, guidance_scale: float | None, image_guidance_scale: float | None, n: int = 1,
-                    scheduler: str | None = None, objective: str | None = None) -> None:
+                    scheduler: str | None = None, objective: str | None = None, strength: float = 1.0) -> None:
     check_sampling_args(steps, guidance_scale, n, scheduler, objective)
+    check_strength(strength)
     if image_guidance_scale is not None and image_guidance_scale < 0:
         raise ValueError(f"image_guidance_scale must be >= 0 (1 = none), got {image_guidance_scale}")
 
@@ -83,13 +84,16 @@ def edit_latents(
     scheduler: str | None = None,
     cache_prefix: bool = True,
     progress: bool = True,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Edited latents [len(sources) * n, C, h, w], source-major; sources are clean latents [S, C, h, w].
 
     One instruction for every source, or one per source. Image j is seeded with seed + j (or
     seed[j]), as in `sample_latents`, so an edit does not depend on what else is in the batch.
+    strength < 1 starts the target from the source noised part of the way (SDEdit, see `denoise`)
+    instead of from pure noise; 1 (the default) is InstructPix2Pix's sampling.
     """
-    check_edit_args(steps, guidance_scale, image_guidance_scale, n, scheduler, model.config.objective)
+    check_edit_args(steps, guidance_scale, image_guidance_scale, n, scheduler, model.config.objective, strength)
     instructions = [instructions] * len(sources) if isinstance(instructions, str) else list(instructions)
     if len(instructions) != len(sources):
         raise ValueError(f"{len(instructions)} instructions given for {len(sources)} source images")
@@ -98,7 +102,9 @@ def edit_latents(
     branches, image_scale, text_scale = edit_branches(model, sources, instructions, n, guidance_scale,
                                                       image_guidance_scale, cache_prefix)
     generators = image_generators(seed, len(sources) * n)
-    return denoise(model, branches, generators, steps, text_scale, scheduler, progress, image_guidance_scale=image_scale)
+    init = sources.repeat_interleave(n, dim=0) if strength < 1 else None
+    return denoise(model, branches, generators, steps, text_scale, scheduler, progress, image_guidance_scale=image_scale,
+                   init_latents=init, strength=strength)
 
 
 def edit_image(
@@ -115,19 +121,21 @@ def edit_image(
     progress: bool = True,
     *,
     codec: ImageCodec,
+    strength: float = 1.0,
 ):
     """Edit an image (path, PIL image or [3, S, S] tensor in [0, 1]) or a list of them by an instruction.
 
     Returns n edits per image, image-major: a list of PIL images, or a [N, 3, S, S] tensor with
     output="tensor". guidance_scale (s_T) weighs the instruction, image_guidance_scale (s_I) the
-    source; 1 and 1 = no guidance; guidance_scale None = the model's default.
+    source; 1 and 1 = no guidance; guidance_scale None = the model's default. strength < 1 starts
+    from the noised source instead of pure noise (see `edit_latents`).
     """
     if output not in ("pil", "tensor"):
         raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
     pixels, _ = load_images(model, image)
     sources = encode_images(codec, pixels, model.device)
     latents = edit_latents(model, sources, instruction, n, steps, guidance_scale, image_guidance_scale, seed,
-                           scheduler, progress=progress)
+                           scheduler, progress=progress, strength=strength)
     images = decode_latents(codec, latents)
     if output == "tensor":
         return images

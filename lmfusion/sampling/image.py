@@ -86,6 +86,11 @@ def resolve_guidance_scale(model, guidance_scale: float | None) -> float:
     return model.config.default_guidance_scale if guidance_scale is None else guidance_scale
 
 
+def check_strength(strength: float) -> None:
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
+
+
 def check_sampling_args(steps: int, guidance_scale: float | None, n: int = 1, scheduler: str | None = None,
                         objective: str | None = None) -> None:
     """guidance_scale None is valid: it stands for the model's default (resolve_guidance_scale)."""
@@ -126,6 +131,8 @@ def denoise(
     scheduler: str | None = None,
     progress: bool = True,
     image_guidance_scale: float | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse diffusion for N images; returns clean latents [N, C, h, w] (fp32).
 
@@ -136,7 +143,12 @@ def denoise(
     With `image_guidance_scale` (editing, InstructPix2Pix) the rows are 3N: N with the source and
     the instruction, N with the source alone, N with neither, and the prediction is
     e(none) + s_I (e(source) - e(none)) + s_T (e(source, text) - e(source)).
+
+    `strength` < 1 starts from `init_latents` [N, C, h, w] noised to the level of step
+    steps - round(steps * strength) and runs only the steps left (SDEdit; diffusers' img2img
+    `strength`): what the noise leaves of the start image is kept, the rest is drawn anew.
     """
+    check_strength(strength)
     config = model.config
     n = len(generators)
     clip = latent_clip(config.codec["name"])
@@ -144,13 +156,22 @@ def denoise(
     sampler.set_timesteps(steps)
     shape = (1, config.latent_channels, config.latent_size, config.latent_size)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(model.device) * getattr(sampler, "init_noise_sigma", 1.0)
+    timesteps = sampler.timesteps
+    if strength < 1:
+        if init_latents is None or init_latents.shape[0] != n:
+            raise ValueError(f"strength < 1 needs init_latents for each of the {n} images")
+        skipped = steps - max(1, round(steps * strength))
+        timesteps = timesteps[skipped * sampler.order:]
+        if hasattr(sampler, "set_begin_index"):  # schedulers that count their steps (flow Euler)
+            sampler.set_begin_index(skipped * sampler.order)
+        latents = model.objective.add_noise(init_latents.to(latents), latents, timesteps[:1].expand(n))
     total = sum(b.rows for b in branches)
     copies = total // n if n and total % n == 0 else 0
     if image_guidance_scale is not None and copies != 3:
         raise ValueError(f"branches hold {total} rows; three-branch guidance of {n} images needs {3 * n}")
     if image_guidance_scale is None and copies not in (1, 2):
         raise ValueError(f"branches hold {total} rows; {n} images need {n} (no guidance) or {2 * n}")
-    for t in tqdm(sampler.timesteps, desc="denoising", disable=not progress, leave=False):
+    for t in tqdm(timesteps, desc="denoising", disable=not progress, leave=False):
         x = sampler.scale_model_input(latents, t) if hasattr(sampler, "scale_model_input") else latents
         rows = torch.cat([x] * copies)
         prediction = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])

@@ -146,7 +146,7 @@ class Routes:
         image_guidance = (body.image_guidance_scale if body.image_guidance_scale is not None
                           else self.settings.image_guidance_scale)
         work = ImageWork(body.prompt, body.n, seed, steps, guidance, self._scheduler(body.scheduler), source,
-                         image_guidance)
+                         image_guidance, body.strength)
         images = await self._wait(self._submit(lambda: self.worker.submit_images(work)), request)
         return await self._image_response(images, seed, body.output_format)
 

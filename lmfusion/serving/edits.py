@@ -7,7 +7,8 @@ The form is parsed with the standard library's MIME parser rather than Starlette
 BodyLimit has already capped is not worth a new dependency of the server. Text fields are then
 validated by `EditForm` exactly as JSON bodies are (a 400 naming the field); the image is
 decoded before the request waits in the queue, so a file that is not an image fails at once.
-Extras, as for generations: `seed`, `steps`, `guidance_scale`, `image_guidance_scale`, `scheduler`.
+Extras, as for generations: `seed`, `steps`, `guidance_scale`, `image_guidance_scale`, `scheduler`, and
+`strength` (below 1, the edit starts from the noised source: SDEdit).
 """
 
 from __future__ import annotations

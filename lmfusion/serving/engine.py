@@ -82,7 +82,7 @@ class Engine:
         if first.source is not None:  # edits (batch_key keeps them apart from generations)
             sources = [work.source for work in works for _ in range(work.n)]
             images = self.pipe.edit(sources, prompts, first.guidance_scale, first.image_guidance_scale, first.steps,
-                                    seeds, first.scheduler, n=1, progress=False)
+                                    seeds, first.scheduler, n=1, progress=False, strength=first.strength)
         else:
             images = self.pipe.generate_image(
                 prompts, steps=first.steps, guidance_scale=first.guidance_scale, seed=seeds,

@@ -49,6 +49,7 @@ class EditForm(ImageRequest):
     the generation request's fields plus the guidance toward the source image."""
 
     image_guidance_scale: float | None = Field(None, ge=0, le=50, description="guidance toward the source; 1 = none")
+    strength: float = Field(1.0, gt=0, le=1, description="below 1: start from the noised source (SDEdit); 1 = from noise")
 
 
 class TextPart(_Request):

@@ -44,12 +44,14 @@ class ImageWork:
     scheduler: str | None  # None: the model's own
     source: Any = field(default=None, compare=False)
     image_guidance_scale: float | None = None  # edits only
+    strength: float = 1.0  # edits only: < 1 starts from the noised source (SDEdit)
 
     @property
     def batch_key(self) -> tuple:
         """Requests that can share one sampler call: edits only with edits (their prefix and
         guidance branches differ from text-to-image's), and each with the same settings."""
-        return self.steps, self.guidance_scale, self.scheduler, self.source is not None, self.image_guidance_scale
+        return (self.steps, self.guidance_scale, self.scheduler, self.source is not None, self.image_guidance_scale,
+                self.strength)
 
 
 @dataclass(eq=False)

@@ -98,8 +98,42 @@ def test_lmfusion_edit_writes_the_pipelines_edit_and_refuses_bad_input_in_one_li
     want = edit_image(model, load_rgb_image(source, 16), "make it blue", guidance_scale=2.0, image_guidance_scale=1.5,
                       steps=2, seed=3, codec=pixel_codec, output="tensor", progress=False)[0]
     assert (load_rgb_image(out, 16) - want).abs().max() <= 1 / 255 + 1e-6
+    assert main(argv + ["--out", str(out), "--strength", "0.5"]) == 0 and capsys.readouterr().out.strip() == str(out)
+    want = edit_image(model, load_rgb_image(source, 16), "make it blue", guidance_scale=2.0, image_guidance_scale=1.5,
+                      steps=2, seed=3, codec=pixel_codec, output="tensor", progress=False, strength=0.5)[0]
+    assert (load_rgb_image(out, 16) - want).abs().max() <= 1 / 255 + 1e-6
     for extra, fragment in ((["--prompt", " "], "prompt is empty"), (["--image", str(tmp_path / "none.png")], "none.png"),
-                            (["--image-guidance-scale", "-1"], "image_guidance_scale must be >= 0")):
+                            (["--image-guidance-scale", "-1"], "image_guidance_scale must be >= 0"),
+                            (["--strength", "0"], "strength must be in (0, 1]")):
         code = main(argv + ["--out", str(out)] + extra)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and fragment in err, err
+
+
+def test_strength_starts_from_the_noised_source_and_runs_only_the_last_steps(model):
+    """strength 0.5 of 2 steps: the source noised to the second step's level, then that one step (SDEdit)."""
+    sources, seed = _sources(4, 1), 7
+    edited = edit_latents(model, sources, "make it blue", steps=2, guidance_scale=1.0, image_guidance_scale=1.0,
+                          seed=seed, strength=0.5, progress=False)
+    sampler = model.objective.sampler()
+    sampler.set_timesteps(2)
+    t = sampler.timesteps[1]
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    noise = torch.randn(1, config.latent_channels, config.latent_size, config.latent_size, generator=g)
+    sigma = float(t) / model.objective.num_train_timesteps
+    x = (1 - sigma) * sources + sigma * noise  # the flow objective's noising, at the skipped-to level
+    eps = _branch(model, sources[0], "make it blue").predict_noise(x, t)
+    eps = model.objective.clip_prediction(x, eps, t, latent_clip(config.codec["name"]))
+    sampler.set_begin_index(1)
+    want = sampler.step(eps, t, x, generator=[g]).prev_sample
+    assert 0 < sigma < 1 and (edited - want).abs().max() < TOL
+    full = edit_latents(model, sources, "make it blue", steps=2, guidance_scale=1.0, image_guidance_scale=1.0,
+                        seed=seed, progress=False)
+    assert not torch.allclose(full, edited)  # strength 1 (the default) starts from pure noise instead
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.5, 1.5])
+def test_a_strength_outside_zero_to_one_is_refused(model, strength):
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        edit_latents(model, _sources(0, 1), "make it blue", steps=2, strength=strength, progress=False)

@@ -53,6 +53,14 @@ def test_image_guidance_reaches_the_sampler(client, source):
     assert np.abs(edit(1.0) - edit(3.0)).max() > 5
 
 
+def test_strength_reaches_the_sampler(client, model, source):
+    response = client.images.edit(image=("in.png", _png_bytes(source), "image/png"), prompt="make it blue",
+                                  size="16x16", extra_body={"seed": 2, "strength": 0.5, "image_guidance_scale": 1.5})
+    direct = LMFusionPipeline(model).edit(source, "make it blue", image_guidance_scale=1.5, steps=STEPS, seed=[2],
+                                          progress=False, strength=0.5)[0]
+    assert np.abs(_pixels(response.data[0].b64_json) - np.asarray(direct, dtype=np.int16)).max() <= 1
+
+
 @pytest.mark.parametrize("case, match, param", [
     ({"image": b"this is not a png", "prompt": "make it blue"}, "could not be read as an image", "image"),
     ({"image": "png", "prompt": "   "}, "prompt is empty", "prompt"),
@@ -60,6 +68,8 @@ def test_image_guidance_reaches_the_sampler(client, source):
     ({"image": "png", "prompt": "make it blue", "n": 11}, "n: Input should be less than or equal to 10", "n"),
     ({"image": "png", "prompt": "make it blue", "size": "1024x1024"}, "this model draws 16x16", "size"),
     ({"image": "png", "prompt": "make it blue", "response_format": "url"}, "'url' is not supported", "response_format"),
+    ({"image": "png", "prompt": "make it blue", "extra_body": {"strength": 0}}, "strength: Input should be greater",
+     "strength"),
 ])
 def test_bad_input_is_a_400_naming_the_field(client, source, case, match, param):
     openai = pytest.importorskip("openai")

@@ -104,6 +104,7 @@ def test_the_page_edits_a_chosen_image_and_shows_its_errors(page, tmp_path):
     page.fill("#edit-n", "2")
     page.fill("#edit-seed", "7")
     page.fill("#edit-image-guidance", "1.5")
+    page.fill("#edit-strength", "0.5")
     page.click("#edit-submit")
     page.wait_for_selector("#edit-results img", timeout=30_000)
     sizes = page.eval_on_selector_all("#edit-results img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")

@@ -111,7 +111,8 @@ $("edit-form").addEventListener("submit", (event) => {
     form.append("model", modelId);
     form.append("n", String(numberOrUndefined($("edit-n")) || 1));
     for (const [field, id] of [["steps", "edit-steps"], ["guidance_scale", "edit-guidance"],
-                               ["image_guidance_scale", "edit-image-guidance"], ["seed", "edit-seed"]]) {
+                               ["image_guidance_scale", "edit-image-guidance"], ["strength", "edit-strength"],
+                               ["seed", "edit-seed"]]) {
       if ($(id).value !== "") form.append(field, $(id).value);
     }
     const h = headers();
