@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 
 from ..data.fingerprints import codec_fingerprint
 from ..data.images import BadImageError, load_rgb_image
@@ -82,9 +83,9 @@ def wants_chat_data(config) -> bool:
     return config.task == "chat" or (config.task == "auto" and find_chat_file(config.data) is not None)
 
 
-def encode_chat(data: str, image_size: int, codec, batch: int = 64) -> ChatLatents:
+def encode_chat(data: str, image_size: int, codec, batch: int = 64, progress: bool = True) -> ChatLatents:
     """Read DATA/train/chat.jsonl (or DATA/chat.jsonl) and encode its images; a row whose image
-    cannot be read is skipped and counted, not fatal."""
+    cannot be read is skipped and counted, not fatal. `progress`: a bar over the images."""
     path = find_chat_file(data)
     if path is None:
         raise FileNotFoundError(f"no chat.jsonl in {data} or {data}/train (make one with `lmfusion data shapes-chat`)")
@@ -102,8 +103,10 @@ def encode_chat(data: str, image_size: int, codec, batch: int = 64) -> ChatLaten
         raise ValueError(f"no usable chat rows in {path}: {skipped}")
     chunks = []
     with torch.no_grad():
-        for start in range(0, len(pixels), batch):
-            chunks.append(codec.encode(torch.stack(pixels[start : start + batch])).float().cpu())
+        with tqdm(total=len(pixels), desc="encoding chat images", unit="img", disable=not progress) as bar:
+            for start in range(0, len(pixels), batch):
+                chunks.append(codec.encode(torch.stack(pixels[start : start + batch])).float().cpu())
+                bar.update(min(batch, len(pixels) - start))
     channels, height, width = codec.latent_shape(image_size)
     images = torch.cat(chunks) if chunks else torch.zeros(0, channels, height, width)
     stats = {"source": str(path), "seen": len(rows) + sum(skipped.values()), "ok": len(rows), "skipped": skipped}
@@ -124,7 +127,7 @@ def open_chat_store(config, codec, say=print) -> ChatLatents:
         store = read_chat_cache(path)
     else:
         say("data: encoding chat conversations into memory")
-        store = encode_chat(config.data, config.image_size, codec)
+        store = encode_chat(config.data, config.image_size, codec, progress=config.progress)
         if path is not None:
             meta = {"rows": json.dumps(store.rows), "image_rows": json.dumps(store.image_rows),
                     "stats": json.dumps(store.stats), "data": str(config.data), "codec": json.dumps(codec.config()),

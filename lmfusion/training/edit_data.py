@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 from safetensors.torch import load_file, save
 
 from ..data.edits import is_edit_dataset, open_edit_dataset
@@ -67,8 +68,10 @@ def wants_edit_data(config) -> bool:
     return config.task == "edit" or (config.task == "auto" and is_edit_dataset(config.data))
 
 
-def encode_edits(data: str, image_size: int, codec, limit_mb: float, batch: int = 64) -> EditLatents:
-    """Read every usable triple once and encode both images; bad rows are counted, not fatal."""
+def encode_edits(data: str, image_size: int, codec, limit_mb: float, batch: int = 64,
+                 progress: bool = True) -> EditLatents:
+    """Read every usable triple once and encode both images; bad rows are counted, not fatal.
+    `progress`: a bar over the triples (minutes for thousands on a CPU)."""
     try:
         dataset = open_edit_dataset(data, image_size)
     except NoUsableDataError as error:
@@ -91,7 +94,8 @@ def encode_edits(data: str, image_size: int, codec, limit_mb: float, batch: int 
         pending.clear()
 
     with torch.no_grad():
-        for record in records:
+        total = len(dataset) if hasattr(dataset, "__len__") else None
+        for record in tqdm(records, total=total, desc="encoding editing triples", unit="triple", disable=not progress):
             pending.append((record.source, record.target))
             instructions.append(record.instruction)
             if len(pending) == batch:
@@ -117,7 +121,8 @@ def open_edit_store(config, codec, say=print) -> EditLatents:
         say("data: editing triples in memory (latents cached by an earlier run)")
         return read_edit_cache(path)
     say("data: encoding editing triples into memory")
-    encoded = encode_edits(config.data, config.image_size, codec, config.memory_cache_limit_mb)
+    encoded = encode_edits(config.data, config.image_size, codec, config.memory_cache_limit_mb,
+                           progress=config.progress)
     if path is not None:
         meta = {"instructions": json.dumps(encoded.instructions), "stats": json.dumps(encoded.stats),
                 "data": str(config.data), "codec": json.dumps(codec.config()), "image_size": str(config.image_size),
