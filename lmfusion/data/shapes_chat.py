@@ -56,47 +56,18 @@ DRAW_PHRASES = {
     "unseen_paraphrase": ["Sketch {c}.", "Illustrate {c} for me.", "I'd love to see an image of {c}.", "Paint {c}."],
 }
 # Text questions, many about the same shapes and colours, so that "mentions a red circle" is not
-# enough to decide to draw. Test questions come from templates training never shows. A model
-# trained on the first ten training templates alone drew for 4 of 20 hand-written questions, all
-# naming a colour or shape ("What colour is the sky?", benchmarks/results/chat.md), so training
-# asks about colours and shapes in many frames, with everyday things in them. None of them writes
-# a question of the hand-written held-out set, lmfusion/evaluation/chat_freeform.txt (tested).
+# enough to decide to draw. Test questions come from templates training never shows. None of them
+# writes a question of the hand-written held-out set, lmfusion/evaluation/chat_freeform.txt (tested).
 TEXT_QUESTIONS = {
     "train": ["How many sides does a {shape} have?", "What is a {shape}?", "Name a fruit that is {colour}.",
               "Why is the sky blue?", "What colour do you get by mixing {colour} and white?",
               "Describe a {colour} {shape} in one sentence.", "Is a {shape} a polygon?",
               "Tell me a short fact about the colour {colour}.", "What is the capital of France?",
-              "Write a short poem about the sea.",
-              "What colour is {thing}?", "Why is {thing} the colour it is?", "What shape is {object}?",
-              "Is {object} round?", "What colour do you get when you mix {colour} and {colour2}?",
-              "Is {colour} a warm colour or a cool colour?", "Which animals are {colour}?",
-              "List three flowers that are {colour}.", "What does the colour {colour} mean in a flag?",
-              "How many corners does a {shape} have?", "Can a {shape} roll down a hill?",
-              "What is the area of a {shape} with sides of 3 cm?", "Which is darker, {colour} or {colour2}?",
-              "Why do painters like {colour}?", "Give me three words that describe {thing}.",
-              "What is the plural of {shape}?", "Spell the word {colour} backwards.",
-              "What is 7 times 8?", "Who wrote Romeo and Juliet?", "How does a rainbow form?",
-              "What is the largest ocean on Earth?", "How do bees make honey?", "Tell me a fun fact about space.",
-              "What is the freezing point of water?", "Translate 'good morning' into Spanish."],
+              "Write a short poem about the sea."],
     "test": ["Explain what makes a {shape} different from other shapes.", "Which things in nature are {colour}?",
              "What does the word {shape} mean?", "How do you say {colour} in French?",
              "Give me a tip for learning maths."],
 }
-# Fillers of the training templates: things with a usual colour, objects with a usual shape.
-THINGS = ("a banana", "snow", "a lemon", "coal", "a ripe tomato", "a carrot", "milk", "a fire truck", "an emerald",
-          "chocolate", "a pumpkin", "a cloud")
-OBJECTS = ("a wheel", "a coin", "a pizza box", "a slice of pizza", "a dice", "a yield sign", "a football",
-           "a window", "a plate", "an envelope")
-
-
-def text_question(template: str, rng: np.random.Generator) -> str:
-    """A text question from its template, every placeholder filled from rng (drawn in a fixed
-    order, so a template's question depends only on the row's generator)."""
-    shape, colour = list(SHAPES)[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    others = [c for c in COLOURS if c != colour]
-    colour2 = others[int(rng.integers(len(others)))]
-    thing, obj = THINGS[int(rng.integers(len(THINGS)))], OBJECTS[int(rng.integers(len(OBJECTS)))]
-    return template.format(shape=shape, colour=colour, colour2=colour2, thing=thing, object=obj)
 
 
 def render_user_turn(tokenizer, user: str) -> str:
@@ -176,8 +147,10 @@ def make_request(seed: int, index: int, heldout: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"index": index, "kind": kind}
     if kind == "text":
         template = TEXT_QUESTIONS["test" if heldout else "train"]
-        question = text_question(template[int(rng.integers(len(template)))], rng)
-        return {**row, "user": question, "phrasing": "unseen" if heldout else "seen", "objects": []}
+        question = template[int(rng.integers(len(template)))]
+        shape, colour = list(SHAPES)[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        return {**row, "user": question.format(shape=shape, colour=colour), "phrasing": "unseen" if heldout else "seen",
+                "objects": []}
     phrasing = PHRASINGS[int(rng.integers(len(PHRASINGS)))] if heldout else "seen"
     template = DRAW_PHRASES[phrasing][int(rng.integers(len(DRAW_PHRASES[phrasing])))]
     if kind == "draw":

@@ -72,9 +72,7 @@ def boi_wins(model, users: list[str]) -> list[bool]:
 
 
 def test_a_briefly_trained_model_draws_when_asked_and_not_for_a_question(make_config, chat_data, peaky_base):
-    # 300 steps: the training questions include near-twins of drawing requests ("Describe a blue circle in
-    # one sentence." beside "Draw a blue circle."), which a tiny random base's last state separates slowly
-    config = make_config(data=str(chat_data), task="chat", base_model=str(peaky_base), max_steps=300, batch_size=8,
+    config = make_config(data=str(chat_data), task="chat", base_model=str(peaky_base), max_steps=60, batch_size=8,
                          lr=2e-2, min_lr=2e-2, warmup_steps=0, probe_every=0)
     untrained, _ = build_model(config)
     rows = read_chat_rows(chat_data / "train" / "chat.jsonl")
