@@ -429,6 +429,9 @@ PRESETS["instruct"] = dict(
     chat_edit_ratio=0.5,
     chat_clean_stop_ratio=0.5,
     max_steps=200,
+    # Rows packed, not padded: chats, replies and edits differ in length (65% of padded positions
+    # real, 78-85% packed); 0.83x the step time, same losses and gradients (benchmarks/results/chat.md).
+    pack_length=256,
     sample_every=0,  # chat runs write no sample grid; `lmfusion eval --task chat` measures them
 )
 
