@@ -55,6 +55,7 @@ class ChatEvalSettings:
     seed: int = 0
     base_model: str | None = None
     freeform: bool = True  # also ask the hand-written text questions of chat_freeform.txt
+    draw_decision: str = "mass"  # greedy: draw when p(BOI) > 1/2 ("mass") or BOI is the top token ("token")
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.steps < 1 or self.max_new_tokens < 1 or self.max_images < 1:
@@ -138,7 +139,8 @@ def answer_row(pipe, row: dict, settings: ChatEvalSettings, seed: int) -> tuple[
 
     model = pipe.model
     session = pipe.chat(max_new_tokens=settings.max_new_tokens, max_images=settings.max_images, temperature=0.0,
-                        seed=seed, steps=settings.steps, guidance_scale=settings.guidance_scale, progress=False)
+                        seed=seed, steps=settings.steps, guidance_scale=settings.guidance_scale, progress=False,
+                        draw_decision=settings.draw_decision)
     parts = session.send(render_user_turn(model.tokenizer, row["user"]))
     images = [p for p in parts if not isinstance(p, str)]
     outcome = {"kind": row["kind"], "phrasing": row.get("phrasing", "seen"), "drawn": len(images)}

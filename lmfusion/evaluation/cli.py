@@ -52,6 +52,9 @@ def register(subparsers) -> None:
                    help="--task edit: skip the copy-the-source and target-caption-alone baselines")
     p.add_argument("--max-new-tokens", type=int, default=ChatEvalSettings.max_new_tokens,
                    help=f"--task chat: tokens per reply (default {ChatEvalSettings.max_new_tokens}, shapes-chat's reply length)")
+    p.add_argument("--draw-decision", choices=("mass", "token"), default="mass",
+                   help="--task chat: greedy replies draw when p(BOI) > 1/2 (mass, default) or when BOI is the "
+                        "single most likely token (token, the rule before 2026-12-07)")
     p.add_argument("--no-freeform", action="store_true",
                    help="--task chat: skip the hand-written text questions (lmfusion/evaluation/chat_freeform.txt) "
                         "asked after the test turns")
@@ -104,6 +107,7 @@ def _run_chat_eval(args) -> int:
         n=ChatEvalSettings.n if args.n is None else args.n, steps=args.steps,
         guidance_scale=ChatEvalSettings.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         max_new_tokens=args.max_new_tokens, seed=args.seed, base_model=args.base_model, freeform=not args.no_freeform,
+        draw_decision=args.draw_decision,
     )
     _check_paths_and_threads(args)
     result = evaluate_chat(args.checkpoint, args.data, args.out, settings, device=args.device)

@@ -26,6 +26,23 @@ from .text import TokenPicker, encode_text, eos_ids, max_positions, vocabulary_m
 
 
 IMAGE_CONTEXTS = ("latents", "vlm", "both")
+# How greedy decoding decides to draw. "token": BOI when it is the single most likely token.
+# "mass": BOI when drawing is more likely than writing anything, p(BOI) > 1/2; argmax over one
+# token favours BOI, whose probability is not split, over text, whose probability is spread over
+# many tokens. Sampling (temperature > 0) draws BOI with its probability either way.
+DRAW_DECISIONS = ("mass", "token")
+
+
+def pick_token(logits: torch.Tensor, picker: TokenPicker, boi_id: int, draw_decision: str = "mass") -> int:
+    """The next token of one row from its logits [V + 2] (disallowed ones at -inf). Greedy with
+    "mass" picks BOI only when p(BOI) > 1/2, i.e. its logit beats the log-sum-exp of the text's."""
+    token = int(picker(logits.unsqueeze(0))[0])
+    if token == boi_id and draw_decision == "mass" and picker.temperature == 0:
+        text = logits.clone()
+        text[boi_id] = float("-inf")
+        if logits[boi_id] <= torch.logsumexp(text, -1):  # drawing is less likely than writing
+            token = int(text.argmax())
+    return token
 
 
 class InterleavedSession:
@@ -46,8 +63,12 @@ class InterleavedSession:
         image_context: str = "latents",
         *,
         codec: ImageCodec,
+        draw_decision: str = "mass",
     ):
         check_sampling_args(steps, guidance_scale, 1, scheduler)
+        if draw_decision not in DRAW_DECISIONS:
+            raise ValueError(f"draw_decision must be one of {DRAW_DECISIONS}, got {draw_decision!r}")
+        self.draw_decision = draw_decision
         if image_context not in IMAGE_CONTEXTS:
             raise ValueError(f"image_context must be one of {IMAGE_CONTEXTS}, got {image_context!r}")
         if image_context != "latents" and not (model.is_vlm and model.processor is not None):
@@ -92,7 +113,8 @@ class InterleavedSession:
         images_left = self.max_images
         for _ in range(self.max_new_tokens):
             allowed[model.boi_token_id] = images_left > 0 and self._room_for_image()
-            token = int(self.picker(context.logits.masked_fill(~allowed, float("-inf")))[0])
+            token = pick_token(context.logits.masked_fill(~allowed, float("-inf"))[0], self.picker,
+                               model.boi_token_id, self.draw_decision)
             if token in stops or context.length + 1 >= max_positions(model):
                 self.pending = token
                 break
@@ -168,7 +190,7 @@ def generate_interleaved(model, prompt: str, *, codec: ImageCodec, **options) ->
     """Continue `prompt` with text and images; returns a list of str and PIL images.
 
     Options are those of `InterleavedSession` (max_new_tokens, max_images, temperature, top_p,
-    seed, steps, guidance_scale, scheduler, progress).
+    seed, steps, guidance_scale, scheduler, progress, draw_decision).
     """
     return InterleavedSession(model, codec=codec, **options).send(prompt)
 

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from lmfusion.sampling.image import sample_latents
-from lmfusion.sampling.interleaved import InterleavedSession, MarkdownTranscript, generate_interleaved
+from lmfusion.sampling.interleaved import InterleavedSession, MarkdownTranscript, generate_interleaved, pick_token
+from lmfusion.sampling.text import TokenPicker
 
 OPTIONS = dict(steps=2, seed=7, progress=False)
 
@@ -19,6 +20,42 @@ def eager_model(make_model):
     boost[model.boi_token_id] = 1e4
     model.text_logits = lambda hidden: logits(hidden) + boost.to(hidden.dtype)
     return model
+
+
+@pytest.fixture(scope="module")
+def narrow_model(make_model):
+    """A model whose BOI logit sits just above the top text token: the single most likely token,
+    yet p(BOI) < 1/2, since a tiny random model spreads the text's probability over many tokens."""
+    model = make_model()
+    logits, vocab = model.text_logits, model.text_vocab_size
+
+    def narrow(hidden):
+        out = logits(hidden).clone()
+        out[..., model.boi_token_id] = out[..., :vocab].max(-1).values + 0.5
+        return out
+
+    model.text_logits = narrow
+    return model
+
+
+def test_pick_token_draws_on_the_top_token_or_on_more_than_half_the_mass():
+    greedy, boi = TokenPicker(), 4
+    narrow = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.5])  # BOI on top, but p(BOI) = 0.29
+    assert pick_token(narrow, greedy, boi, "token") == boi and pick_token(narrow, greedy, boi, "mass") == 0
+    clear = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0])  # p(BOI) = 0.65
+    assert pick_token(clear, greedy, boi, "token") == boi == pick_token(clear, greedy, boi, "mass")
+    banned = torch.tensor([1.0, float("-inf"), float("-inf"), float("-inf"), 1.5])  # disallowed: no mass
+    assert pick_token(banned, greedy, boi, "mass") == boi  # p(BOI) = 0.62 among what may be picked
+
+
+def test_greedy_chat_draws_only_when_drawing_is_likelier_than_writing(narrow_model, pixel_codec):
+    by_token = generate_interleaved(narrow_model, "a small red", max_new_tokens=4, max_images=1, codec=pixel_codec,
+                                    draw_decision="token", **OPTIONS)
+    assert isinstance(by_token[0], Image.Image)
+    by_mass = generate_interleaved(narrow_model, "a small red", max_new_tokens=4, codec=pixel_codec, **OPTIONS)
+    assert by_mass and all(isinstance(p, str) for p in by_mass)
+    with pytest.raises(ValueError, match="draw_decision must be one of"):
+        InterleavedSession(narrow_model, codec=pixel_codec, draw_decision="sometimes")
 
 
 def _session(model, codec, **options):
