@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..diffusion import DEFAULT_IMAGE_GUIDANCE_SCALE
+from ..sampling.interleaved import DRAW_DECISIONS
 from .chat import ChatEvalSettings
 from .edit import EditEvalSettings
 from .evaluate import EvalSettings
@@ -52,7 +53,7 @@ def register(subparsers) -> None:
                    help="--task edit: skip the copy-the-source and target-caption-alone baselines")
     p.add_argument("--max-new-tokens", type=int, default=ChatEvalSettings.max_new_tokens,
                    help=f"--task chat: tokens per reply (default {ChatEvalSettings.max_new_tokens}, shapes-chat's reply length)")
-    p.add_argument("--draw-decision", choices=("mass", "token"), default="mass",
+    p.add_argument("--draw-decision", choices=DRAW_DECISIONS, default=ChatEvalSettings.draw_decision,
                    help="--task chat: greedy replies draw when p(BOI) > 1/2 (mass, default) or when BOI is the "
                         "single most likely token (token, the rule before 2026-12-07)")
     p.add_argument("--no-freeform", action="store_true",
