@@ -5,6 +5,7 @@
       latest                           "step_000200": the newest COMPLETE checkpoint
       checkpoints/step_000200/
         model/                         LMFusionModel.save_pretrained (load with --checkpoint)
+        ema/                           ema_decay > 0 only: the same for the moving average of the weights
         optimizer.safetensors          AdamW moments and step counts
         optimizer.json                 param groups (lr, betas, ...)
         rng.safetensors                torch CPU (+ CUDA) generator states
@@ -40,6 +41,7 @@ from ..run_folders import (  # noqa: F401  (re-exported: the trainer's names for
     CHECKPOINTS, LATEST, MODEL_CONFIG, MODEL_DIR, STEP_PATTERN, latest_checkpoint, list_checkpoints, resolve_checkpoint,
     step_name,
 )
+from .ema import EMA_DIR
 from ..utils import atomic_directory, atomic_write_bytes, publish_directory, recover_aside, staging_directory
 
 SHARDS_DIR = "shards"  # parallel: fsdp checkpoints
@@ -122,13 +124,18 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # --------------------------------------------------------------------------- save / load
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, then drop all but the newest `keep`."""
+def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int,
+                    average=None) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, then drop all but the newest `keep`.
+    `average`: the run's WeightAverage (lmfusion.training.ema), written to ema/ beside model/."""
     run_dir = Path(run_dir)
     target = run_dir / CHECKPOINTS / step_name(step)
     # Re-saving a step that exists (after a resume) replaces it the same atomic way.
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp / MODEL_DIR)
+        if average is not None:
+            average.save(model, tmp / EMA_DIR)
+            trainer_state = {**trainer_state, "ema_updates": average.updates}
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", opt_meta)
@@ -142,8 +149,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     return target
 
 
-def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore model adapter weights, optimizer, scheduler and RNG; return the trainer state.
+def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, average=None) -> dict:
+    """Restore model adapter weights, optimizer, scheduler and RNG (and `average`, the run's
+    WeightAverage, from ema/); return the trainer state.
 
     The manifest is verified first; a damaged or foreign file raises CheckpointError naming it.
     """
@@ -162,6 +170,11 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler) -> dict
     with _names_file(checkpoint / "trainer_state.json"):
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(rng_tensors, state["rng"])
+    if average is not None:
+        if not (checkpoint / EMA_DIR).is_dir():
+            raise ValueError(f"{checkpoint}: no {EMA_DIR}/ folder, so the weight average of ema_decay cannot be "
+                                  "restored (it was saved without one); resume with ema_decay: 0, or start a new run")
+        average.load(model, checkpoint / EMA_DIR, state["ema_updates"])
     return state
 
 
@@ -204,7 +217,8 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
     return folder
 
 
-def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=print) -> tuple[Path, dict] | None:
+def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=print,
+                       average=None) -> tuple[Path, dict] | None:
     """Resume from `latest`, or, when it is damaged, from the newest checkpoint that is intact.
 
     Each damaged checkpoint is reported through `say`, naming the file and the problem. Returns
@@ -217,7 +231,7 @@ def load_newest_intact(run_dir: str | Path, model, optimizer, scheduler, say=pri
     problems = []
     for candidate in candidates:
         try:
-            return candidate, load_checkpoint(candidate, model, optimizer, scheduler)
+            return candidate, load_checkpoint(candidate, model, optimizer, scheduler, average)
         except CheckpointError as error:
             problems.append(str(error))
             following = candidates[len(problems)] if len(problems) < len(candidates) else None

@@ -76,6 +76,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.0  # > 0: keep a moving average of the trainable weights (checkpoint's ema/); 0 = off
     precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each fused decoder layer (after checkpointing, before FSDP)
@@ -130,6 +131,7 @@ class TrainConfig:
             (self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}"),
             (0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0 = no average), got {self.ema_decay}"),
             (self.fresh_lr_scale > 0, f"fresh_lr_scale must be positive, got {self.fresh_lr_scale}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.checkpoint_every >= 0 and self.log_every > 0, "checkpoint_every must be >= 0 and log_every > 0"),

@@ -50,6 +50,9 @@ FIELD_HELP: dict[str, str] = {
     "beta2": "AdamW beta2",
     "eps": "AdamW epsilon",
     "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "ema_decay": "> 0: also keep an exponential moving average of the trainable weights, with this decay as its cap "
+                 "(diffusers' EMAModel warm-up: min(decay, (1 + n) / (10 + n)) after n steps), saved as each "
+                 "checkpoint's ema/ model folder; 0 = off",
     "precision": "fp32 | bf16 (bf16 autocast; weights and optimizer stay fp32)",
     "pack_length": "> 0: pack each micro-batch's examples, whole and in order, into rows of exactly this many "
                    "tokens (each example attends only within itself; padding only at row ends); 0: one padded row per example",

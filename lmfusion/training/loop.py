@@ -28,6 +28,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from ..model.probes import bypass_warning, image_probes
+from .ema import WeightAverage
 from .data import BatchSource, build_batch_source, ensure_dataset, open_latent_store, probe_records
 from .metrics import peak_flops, step_flops, unet_forward_flops
 from .parallelize import compile_layers
@@ -197,6 +198,9 @@ def check_parallel(config: TrainConfig, info: DistInfo) -> None:
     if config.attention == "flex" and info.device.type == "cpu":
         raise ValueError("attention: flex trains only on a GPU (torch's flex_attention has no CPU backward); "
                          "use attention: sdpa on a CPU")
+    if config.parallel == "fsdp" and config.ema_decay > 0:
+        raise ValueError("ema_decay > 0 is not supported with parallel: fsdp yet (the average would need sharding "
+                         "too); use parallel: ddp, or ema_decay: 0")
     if config.parallel == "fsdp" and info.enabled and config.text_only_ratio > 0:
         raise ValueError("parallel: fsdp does not support text_only_ratio > 0 yet (a text-only micro-batch "
                          "leaves image weights without gradients on one rank); use parallel: ddp")
@@ -232,7 +236,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
         sharded = is_sharded(model)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
-        step = _maybe_resume(config, resume, model, optimizer, scheduler, log, info, sharded)
+        average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+        step = _maybe_resume(config, resume, model, optimizer, scheduler, log, info, sharded, average)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.say(f"{trainable / 1e6:.1f}M trainable parameters; {info.world_size} process(es) x {accum} "
                 f"micro-batch(es) of {micro} = batch {config.batch_size}; {config.precision}; device {info.device}"
@@ -255,6 +260,8 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             tick = time.time()
             _, batches = next(steps)
             metrics = train_step(step, wrapped, model, source, optimizer, scheduler, config, plan, info, batches)
+            if average is not None:
+                average.update(model)
             step += 1
             metrics.update(step=step, step_time=time.time() - tick)
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
@@ -269,7 +276,7 @@ def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -
             if step == first_step + 1:
                 log_shards(model, optimizer, info, log)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps:
-                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log, sharded)
+                _save(config, info, step, model, optimizer, scheduler, metrics, len(data), log, sharded, average)
             # A sharded model's forward is collective: every rank samples, rank 0 writes.
             if config.sample_every and step % config.sample_every == 0 and (info.is_main or sharded):
                 write_samples(model, codec, data, config, step, log)
@@ -297,7 +304,7 @@ def _load_data_and_model(config: TrainConfig, info: DistInfo, log):
 
 
 def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler, log, info: DistInfo,
-                  sharded: bool) -> int:
+                  sharded: bool, average: WeightAverage | None = None) -> int:
     """The step to start from: the newest intact checkpoint's with --resume (state restored), else 0."""
     if not resume:
         return 0
@@ -314,7 +321,7 @@ def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler
             raise ckpt.CheckpointError(value)
         loaded = None if value is None else (Path(value), ckpt.load_sharded_checkpoint(value, model, optimizer, scheduler))
     else:
-        loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say)
+        loaded = ckpt.load_newest_intact(config.run_dir, model, optimizer, scheduler, say=log.say, average=average)
     if loaded is None:
         log.say(f"--resume: no checkpoint in {config.run_dir} yet, starting from step 0")
         return 0
@@ -327,7 +334,7 @@ def _maybe_resume(config: TrainConfig, resume: bool, model, optimizer, scheduler
 
 
 def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, scheduler, metrics: dict, n_records: int,
-          log, sharded: bool) -> None:
+          log, sharded: bool, average: WeightAverage | None = None) -> None:
     """DDP: rank 0 writes (every rank holds the same state) and the others wait so no rank races
     ahead. FSDP: every rank writes its shards (collective)."""
     state = {"samples_seen": step * config.batch_size, "epoch": step * config.batch_size // n_records,
@@ -339,7 +346,8 @@ def _save(config: TrainConfig, info: DistInfo, step: int, model, optimizer, sche
         log.say(f"saved {path}")
         return
     if info.is_main:
-        path = ckpt.save_checkpoint(config.run_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints)
+        path = ckpt.save_checkpoint(config.run_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints,
+                                    average)
         log.say(f"saved {path}")
     barrier(info)
 
