@@ -25,6 +25,12 @@ ATTENTION = ("sdpa", "flex")
 # patch find the source patch at the same place by content, which an edit needs: with RoPE alone
 # their distance changes with the instruction's length. Zero at init, so it changes nothing at step 0.
 IMAGE_POSITIONS = ("none", "learned")
+# What else an image's U-Net down block reads besides its own (noisy) latent: "none" (the papers)
+# or "previous": the clean latent of the image before it in the same sequence (an edit's source, a
+# chat's first image), concatenated on channels, zeros when there is none. This is InstructPix2Pix's
+# conditioning: target cell i is computed from source cell i, so keeping the scene needs no match
+# across the sequence. Its extra input weights start at zero, so a model gains it without a change.
+IMAGE_CONDITIONS = ("none", "previous")
 
 # A U-Net small enough for tests and smoke runs (seconds on a CPU); the one place these live.
 TINY_UNET = dict(unet_channels=32, unet_norm_groups=8, time_embed_dim=32)
@@ -55,6 +61,7 @@ class LMFusionConfig:
     unet_norm_groups: int = 32
     time_embed_dim: int = 256
     image_position_embedding: str = "none"  # IMAGE_POSITIONS
+    image_condition: str = "none"  # IMAGE_CONDITIONS
     # Training only: the share of images whose up block gets the down block's skips zeroed, so it
     # must denoise from the transformer's states alone. Guards against the U-Net failure mode of
     # docs/image_learning.md (the skips do the denoising and the prompt is bypassed), which one
@@ -103,6 +110,8 @@ class LMFusionConfig:
         if self.image_position_embedding not in IMAGE_POSITIONS:
             raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITIONS}, "
                              f"got {self.image_position_embedding!r}")
+        if self.image_condition not in IMAGE_CONDITIONS:
+            raise ValueError(f"image_condition must be one of {IMAGE_CONDITIONS}, got {self.image_condition!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if not 0.0 <= self.skip_dropout < 1.0:

@@ -43,7 +43,13 @@ class ImageDownBlock(nn.Module):
     def __init__(self, config: LMFusionConfig, hidden_size: int):
         super().__init__()
         ch = config.unet_channels
-        self.conv_in = nn.Conv2d(config.latent_channels, ch, kernel_size=3, padding=1)
+        # image_condition "previous": the previous image's clean latent as extra input channels
+        # (InstructPix2Pix), their weights zero so that the block starts as one without them.
+        self.conditioned = config.image_condition == "previous"
+        self.conv_in = nn.Conv2d(config.latent_channels * (2 if self.conditioned else 1), ch, kernel_size=3, padding=1)
+        if self.conditioned:
+            with torch.no_grad():
+                self.conv_in.weight[:, config.latent_channels:].zero_()
         levels = int(math.log2(config.patch_size))
         self.resnets = nn.ModuleList([_resnet(ch, ch, config) for _ in range(levels + 1)])
         self.downsamplers = nn.ModuleList([Downsample2D(ch, use_conv=True, name="op") for _ in range(levels)])
@@ -54,7 +60,13 @@ class ImageDownBlock(nn.Module):
         if config.image_position_embedding == "learned":
             self.position = nn.Parameter(torch.zeros(1, config.tokens_per_image, hidden_size))
 
-    def forward(self, latents: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor,
+                conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conditions: [N, C, H, W] clean latents each image is conditioned on (zeros: none; None: all
+        none); read only by a conditioned block."""
+        if self.conditioned:
+            latents = torch.cat([latents, torch.zeros_like(latents) if conditions is None
+                                 else conditions.to(latents.dtype)], dim=1)
         h = self.conv_in(latents)
         skips = []
         for resnet, down in zip(self.resnets, self.downsamplers):

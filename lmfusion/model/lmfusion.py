@@ -304,6 +304,7 @@ class LMFusionModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        image_conditions: torch.Tensor | None = None,
     ) -> LMFusionOutput:
         """Run an interleaved batch.
 
@@ -316,13 +317,15 @@ class LMFusionModel(nn.Module):
         position_ids too, restarting per example); each example then attends only within itself.
         pixel_values / image_sizes / batch_num_images (VLM base only): the images the VLM reads, as
         its processor makes them, for the `<image>` placeholders in input_ids (its own computation).
+        image_conditions: [N, C, H, W] (image_condition "previous" only) the clean latent each image
+        is conditioned on, zeros for none; None = none for every image.
         """
         vision = {"pixel_values": pixel_values, "image_sizes": image_sizes}
         if batch_num_images is not None:
             vision["batch_num_images"] = batch_num_images
         text_rows, image_rows, routing, cache, skips, temb = self._backbone(
             input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
-            document_ids, vision,
+            document_ids, vision, image_conditions,
         )
         logits = None
         if logits_mask is not None:
@@ -345,7 +348,7 @@ class LMFusionModel(nn.Module):
         return LMFusionOutput(logits=logits, noise_pred=noise_pred, cache=cache)
 
     def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
-                  document_ids=None, vision=None):
+                  document_ids=None, vision=None, image_conditions=None):
         batch, length = input_ids.shape
         device = input_ids.device
         if document_ids is not None and (cache is not None or use_cache):
@@ -373,7 +376,7 @@ class LMFusionModel(nn.Module):
                     f"images need {expected} ({self.config.tokens_per_image} each)"
                 )
             temb = self.time_embed(timesteps, image_latents.dtype)
-            tokens, skips = self.image_in(image_latents, temb)
+            tokens, skips = self.image_in(image_latents, temb, image_conditions)
             x_image = tokens.reshape(-1, tokens.shape[-1]).to(x_text.dtype)
 
         if position_ids is None:
@@ -433,8 +436,10 @@ class LMFusionModel(nn.Module):
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
             noisy = torch.where(scored.view(-1, 1, 1, 1), self.objective.add_noise(latents, noise, timesteps), latents)
             target = self.objective.target(latents, noise, timesteps)
+        conditions = batch.condition_latents() if self.config.image_condition == "previous" else None
         out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask,
-                      position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids)
+                      position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids,
+                      image_conditions=conditions)
         zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=self.device)
         text = (
             nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum")

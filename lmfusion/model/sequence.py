@@ -50,6 +50,9 @@ class MultimodalBatch:
     # [B, L] bool: whether the token at a position may be a text target (False in a chat's user
     # turn); None = every token may be.
     target_mask: torch.Tensor | None = None
+    # [N]: for each image, the index in `latents` of the image before it in its example, -1 for the
+    # first (what LMFusionConfig.image_condition "previous" conditions on). None = no image has one.
+    previous_images: torch.Tensor | None = None
 
     def to(self, device) -> "MultimodalBatch":
         def move(t):
@@ -57,7 +60,15 @@ class MultimodalBatch:
 
         return MultimodalBatch(move(self.input_ids), move(self.image_mask), move(self.attention_mask),
                                move(self.latents), move(self.max_timesteps), move(self.document_ids),
-                               move(self.position_ids), move(self.target_mask))
+                               move(self.position_ids), move(self.target_mask), move(self.previous_images))
+
+    def condition_latents(self) -> torch.Tensor | None:
+        """[N, C, H, W]: each image's previous image's clean latent, zeros where it has none."""
+        if self.latents is None or self.previous_images is None:
+            return None
+        index = self.previous_images.to(self.latents.device)
+        picked = self.latents.index_select(0, index.clamp(min=0))
+        return picked * (index >= 0).view(-1, 1, 1, 1).to(picked.dtype)
 
     @property
     def loss_images(self) -> torch.Tensor:
@@ -195,7 +206,7 @@ class SequenceBuilder:
             attention[row, : len(row_ids)] = 1
         targets = self._target_mask(examples, [[(row, 0)] for row in range(len(examples))], ids.shape)
         return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents),
-                               target_mask=targets)
+                               target_mask=targets, previous_images=previous_images(examples))
 
     def pack(self, examples: list[Example], latents: torch.Tensor | None, pack_length: int) -> MultimodalBatch:
         """Concatenate examples, in order and never split, into rows of exactly pack_length tokens.
@@ -238,7 +249,7 @@ class SequenceBuilder:
                 document += 1
         targets = self._target_mask([e for members in rows for e in members], [[s] for s in starts], shape)
         return MultimodalBatch(ids, image_mask, attention, latents, self._image_caps(examples, latents), documents, positions,
-                               targets)
+                               targets, previous_images(examples))
 
     @staticmethod
     def _target_mask(examples: list[Example], places: list[list[tuple[int, int]]], shape) -> torch.Tensor | None:
@@ -258,3 +269,14 @@ class SequenceBuilder:
         if (latents is None and n_images) or (latents is not None and latents.shape[0] != n_images):
             raise ValueError(f"examples hold {n_images} images but {0 if latents is None else latents.shape[0]} latents were given")
         return torch.tensor(caps, dtype=torch.long)
+
+
+def previous_images(examples: list[Example]) -> torch.Tensor | None:
+    """MultimodalBatch.previous_images for examples whose images are numbered in order, example by
+    example (as their latents are); None when no example holds two images."""
+    index, start = [], 0
+    for example in examples:
+        count = len(example.max_timesteps)
+        index += [-1] + list(range(start, start + count - 1)) if count else []
+        start += count
+    return torch.tensor(index, dtype=torch.long) if any(i >= 0 for i in index) else None

@@ -131,9 +131,11 @@ class Context:
         self.ids = torch.cat([self.ids, ids], 1)
         self.image_mask = torch.cat([self.image_mask, image_mask], 1)
         self.attention_mask = torch.cat([self.attention_mask, attention_mask], 1)
+        before = [old[-1] if old else None for old in self.images]
         self.images = [old + new for old, new in zip(self.images, images)]
         if not self.uses_cache:  # no K/V to reuse: run everything again (the VLM's images too)
             ids, image_mask, images = self.ids, self.image_mask, self.images
+            before = [None] * len(images)
         wanted = torch.zeros_like(image_mask)
         wanted[:, -1] = True
         latents = [image for row in images for image in row]
@@ -144,6 +146,7 @@ class Context:
             image_mask=image_mask if bool(image_mask.any()) else None,
             image_latents=_as_model_input(self.model, torch.stack(latents)) if latents else None,
             timesteps=torch.zeros(len(latents), dtype=torch.long, device=ids.device) if latents else None,
+            image_conditions=_previous_image_latents(self.model, list(zip(before, images))),
             attention_mask=self._mask_argument(),
             cache=self.cache,
             use_cache=self.uses_cache,
@@ -171,7 +174,10 @@ class Context:
         timesteps = timestep.reshape(1).expand(self.rows).to(ids.device)
         if self.uses_cache:
             before = self.cache.get_seq_length()
-            out = self.model(ids, image_mask, latents, timesteps, attention_mask, cache=self.cache, use_cache=True)
+            conditions = _previous_image_latents(self.model, [(old[-1] if old else None, [new])
+                                                              for old, new in zip(self.images, latents)])
+            out = self.model(ids, image_mask, latents, timesteps, attention_mask, cache=self.cache, use_cache=True,
+                             image_conditions=conditions)
             self.cache.crop(before - self.cache.get_seq_length())  # negative: drop the image tokens
             return out.noise_pred.float()
         out = self.model(
@@ -180,6 +186,8 @@ class Context:
             _interleave_images(self.images, latents),
             _interleave_timesteps(self.images, timesteps),
             attention_mask if not bool(attention_mask.all()) else None,
+            image_conditions=_previous_image_latents(self.model, [(None, old + [new])
+                                                                  for old, new in zip(self.images, latents)]),
             **self.vision,
         )
         return _new_image_rows(self.images, out.noise_pred).float()
@@ -260,6 +268,20 @@ def _left_pad(context: Context, length: int) -> dict:
 def _as_model_input(model, latents: torch.Tensor) -> torch.Tensor:
     """Latents are kept in fp32 for the scheduler math; the model runs in its own dtype."""
     return latents.to(device=model.device, dtype=model.special_head.weight.dtype)
+
+
+def _previous_image_latents(model, rows: list[tuple[torch.Tensor | None, list[torch.Tensor]]]) -> torch.Tensor | None:
+    """What LMFusionConfig.image_condition "previous" reads: for each row, (the image before the
+    listed ones or None, the listed images), the clean latent before every listed image in reading
+    order, zeros where there is none, as training gives them (MultimodalBatch.condition_latents).
+    None for a model that reads none, or when nothing is listed."""
+    if model.config.image_condition != "previous":
+        return None
+    picked = []
+    for before, images in rows:
+        for previous, image in zip([before, *images[:-1]], images):
+            picked.append(torch.zeros_like(image) if previous is None else previous.to(image.device))
+    return _as_model_input(model, torch.stack(picked)) if picked else None
 
 
 def _interleave_images(images: list[list[torch.Tensor]], new: torch.Tensor) -> torch.Tensor:

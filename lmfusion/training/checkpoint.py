@@ -208,11 +208,19 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
                          f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
     state = read_safetensors(folder / WEIGHTS_FILE)
-    gains_positions = saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned"
-    if gains_positions:  # a model trained without the patch-position table gains one, at its init (zero)
+    gained = []
+    if saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned":
+        # a model trained without the patch-position table gains one, at its init (zero)
         state["image_in.position"] = torch.zeros_like(model.image_in.position)
+        gained.append("the patch-position table starts at zero")
+    if saved.image_condition == "none" and model.config.image_condition == "previous":
+        # ... or the previous image's input channels, at their init (zero weights): same output
+        weight = state["image_in.conv_in.weight"]
+        extra = model.image_in.conv_in.weight.shape[1] - weight.shape[1]
+        state["image_in.conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], 1)
+        gained.append("the previous-image input channels start at zero")
     model.load_adapter_state(state, folder / WEIGHTS_FILE)
-    gained_note = " (the patch-position table starts at zero)" if gains_positions else ""
+    gained_note = f" ({'; '.join(gained)})" if gained else ""
     say(f"init_from: adapter weights loaded from {folder}{gained_note}")
     return folder
 

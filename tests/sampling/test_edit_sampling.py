@@ -7,8 +7,21 @@ from lmfusion.codecs.registry import latent_clip
 from lmfusion.sampling.context import Context
 from lmfusion.sampling.edit import edit_image, edit_latents
 from lmfusion.sampling.text import encode_text
+from lmfusion.testing import tiny_sampling_model
 
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["none", "previous"])
+def edit_model(request, peaky_base):
+    """The plain model, and one whose down block also reads the previous image (image_condition
+    "previous") with non-zero weights for it, so that the source really enters the target's input."""
+    if request.param == "none":
+        return request.getfixturevalue("model")
+    model = tiny_sampling_model(peaky_base, image_condition="previous")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.image_in.conv_in.weight, std=0.2)
+    return model
 
 
 def _sources(seed=0, count=2):
@@ -26,8 +39,9 @@ def _branch(model, source, instruction):
     return context
 
 
-def test_three_branch_guidance_equals_the_formula(model):
+def test_three_branch_guidance_equals_the_formula(edit_model):
     """One Euler step of edit_latents vs the three branches computed separately and combined by hand."""
+    model = edit_model
     sources, texts, s_text, s_image = _sources(), ["make it blue", "move the small red circle to the left"], 3.0, 1.7
     edited = edit_latents(model, sources, texts, steps=1, guidance_scale=s_text, image_guidance_scale=s_image,
                           seed=5, progress=False)
@@ -58,7 +72,8 @@ def test_guidance_one_and_one_is_the_plain_conditional_edit(model):
     assert (plain - three).abs().max() < TOL  # the 3-branch path at scales ~1 collapses to the same edit
 
 
-def test_cached_batched_edit_equals_recompute(model):
+def test_cached_batched_edit_equals_recompute(edit_model):
+    model = edit_model
     sources = _sources(2)
     options = dict(steps=3, guidance_scale=2.0, image_guidance_scale=1.5, seed=0, n=2, progress=False)
     fast = edit_latents(model, sources, ["make it blue", "remove the red circle"], **options)

@@ -121,6 +121,19 @@ def test_init_from_a_model_without_patch_positions_gains_a_zero_table(make_confi
         load_init_weights(losing, tmp_path / "with_table", say=lambda _: None)
 
 
+def test_init_from_a_model_without_the_previous_image_input_gains_zero_channels(make_config, tmp_path):
+    """An editing run may add image_condition "previous" on top of a quickstart-style model."""
+    start, _ = build_model(make_config())
+    start.save_pretrained(tmp_path / "start")
+    said = []
+    gaining, _ = build_model(make_config(model={**TINY_UNET, "image_condition": "previous"}))
+    load_init_weights(gaining, tmp_path / "start", say=said.append)
+    weight = gaining.image_in.conv_in.weight
+    channels = start.image_in.conv_in.weight.shape[1]
+    assert torch.count_nonzero(weight[:, channels:]) == 0 and "previous-image input channels" in said[0]
+    assert torch.equal(weight[:, :channels], start.image_in.conv_in.weight)
+
+
 def test_webdataset_edits_train_when_the_task_says_edit(make_config, edit_data, tmp_path):
     """Tar shards look like caption shards from outside: `task: edit` says what they hold."""
     import io
