@@ -8,6 +8,8 @@ after n updates, so a run of a few hundred steps averages roughly its last tens 
 A checkpoint with an average holds it as a second model folder, `ema/`, in the same format as
 `model/`: `--checkpoint runs/x/checkpoints/step_000360/ema` samples from it, and `--resume`
 restores it from there. Training, probes and the run's sample grids use the raw weights.
+Off by default: on the 360-step quickstart it did not beat the last weights (two training seeds,
+benchmarks/results/quickstart.md); longer runs at a constant learning rate are where it is known to pay.
 """
 
 from __future__ import annotations
