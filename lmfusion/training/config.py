@@ -385,7 +385,7 @@ PRESETS["paper"] = dict(
 # a quickstart one holds one. The target's down block also reads the source's latent
 # (image_condition "previous", InstructPix2Pix's channel concat; its weights start at zero, so the
 # quickstart start gains it unchanged): at image guidance 1 it kept the rest of the scene in 0.23 of
-# held-out edits against 0.11 and 0.02 for the two earlier edit runs without it (not paired runs),
+# held-out edits against 0.04 for a paired run without it from the same start (0.11 and 0.02 earlier),
 # and its best joint (0.23 at image guidance 1.5, success 0.63) is the best measured, still far from
 # the 0.6 (benchmarks/results/edit.md).
 # ~45-65 min on 2 CPU cores. `--init-from ''` trains from fresh image modules.
