@@ -173,7 +173,7 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, average
     if average is not None:
         if not (checkpoint / EMA_DIR).is_dir():
             raise ValueError(f"{checkpoint}: no {EMA_DIR}/ folder, so the weight average of ema_decay cannot be "
-                                  "restored (it was saved without one); resume with ema_decay: 0, or start a new run")
+                             "restored (it was saved without one); resume with ema_decay: 0, or start a new run")
         average.load(model, checkpoint / EMA_DIR, state["ema_updates"])
     return state
 
