@@ -79,6 +79,10 @@ class LMFusionConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"  # eps / v only
     diffusion_loss_weight: float = 5.0
+    # Training only: > 0 adds max(0, boi_margin + logit_BOI - logsumexp(other logits)) to the token
+    # loss at every text target that is not BOI, so BOI stays this many nats below half the mass
+    # where the reply is text (model/draw_margin.py). 0 = off (plain cross-entropy).
+    boi_margin: float = 0.0
 
     # Training forwards without a KV cache use this kernel; cached decoding always uses sdpa.
     attention: str = "sdpa"
@@ -114,6 +118,8 @@ class LMFusionConfig:
             raise ValueError(f"image_condition must be one of {IMAGE_CONDITIONS}, got {self.image_condition!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if not self.boi_margin >= 0:
+            raise ValueError(f"boi_margin must be >= 0 (0 = off), got {self.boi_margin}")
         if not 0.0 <= self.skip_dropout < 1.0:
             raise ValueError(f"skip_dropout must be in [0, 1), got {self.skip_dropout}")
         if self.latent_size % self.patch_size:

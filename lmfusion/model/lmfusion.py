@@ -28,6 +28,7 @@ from ..config import LMFusionConfig
 from ..diffusion import DiffusionObjective, per_image_mse
 from ..integrity import CheckpointError, read_safetensors, verify_manifest, write_manifest
 from ..utils import atomic_directory
+from .draw_margin import boi_margin_hinge
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
 from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
 from .masks import block_mask, image_segment_ids, transfusion_mask
@@ -441,11 +442,12 @@ class LMFusionModel(nn.Module):
                       position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids,
                       image_conditions=conditions)
         zero = out.logits.sum() * 0.0 if out.logits is not None else torch.zeros((), device=self.device)
-        text = (
-            nn.functional.cross_entropy(out.logits.float(), labels.to(out.logits.device), reduction="sum")
-            if labels.numel()
-            else zero
-        )
+        text = zero
+        if labels.numel():
+            logits, labels = out.logits.float(), labels.to(out.logits.device)
+            text = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            if self.config.boi_margin > 0:
+                text = text + boi_margin_hinge(logits, labels, self.boi_token_id, self.config.boi_margin)
         image = per_image_mse(out.noise_pred[scored], target[scored]).sum() if n_scored else zero
         if n_images and not n_scored:  # clean images only: keep their modules in the graph at zero
             image = image + out.noise_pred.sum() * 0.0
