@@ -17,7 +17,7 @@ import torch
 
 def boi_margin_hinge(logits: torch.Tensor, labels: torch.Tensor, boi_column: int, margin: float) -> torch.Tensor:
     """Summed hinge over rows whose label is not BOI. logits [M, V + 2], labels [M] (ids = columns)."""
-    others = logits.clone()
-    others[:, boi_column] = float("-inf")
-    gap = logits[:, boi_column] - torch.logsumexp(others, dim=-1)  # > 0: the mass rule would draw
+    # log-sum-exp of every column but BOI's, from the two slices around it (no copy of the logits)
+    others = torch.logaddexp(logits[:, :boi_column].logsumexp(-1), logits[:, boi_column + 1:].logsumexp(-1))
+    gap = logits[:, boi_column] - others  # > 0: the mass rule would draw
     return torch.relu(margin + gap)[labels != boi_column].sum()
