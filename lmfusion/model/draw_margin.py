@@ -15,9 +15,14 @@ from __future__ import annotations
 import torch
 
 
+def boi_gap(logits: torch.Tensor, boi_column: int) -> torch.Tensor:
+    """logit_BOI - logsumexp(every other logit) over the last dim: > 0 exactly where p(BOI) > 1/2, the
+    greedy mass rule's test for drawing (sampling.interleaved.pick_token)."""
+    # the other columns' log-sum-exp from the two slices around BOI's, so no [..., V + 2] copy is made
+    others = torch.logaddexp(logits[..., :boi_column].logsumexp(-1), logits[..., boi_column + 1:].logsumexp(-1))
+    return logits[..., boi_column] - others
+
+
 def boi_margin_hinge(logits: torch.Tensor, labels: torch.Tensor, boi_column: int, margin: float) -> torch.Tensor:
     """Summed hinge over rows whose label is not BOI. logits [M, V + 2], labels [M] (ids = columns)."""
-    # log-sum-exp of every column but BOI's, from the two slices around it (no copy of the logits)
-    others = torch.logaddexp(logits[:, :boi_column].logsumexp(-1), logits[:, boi_column + 1:].logsumexp(-1))
-    gap = logits[:, boi_column] - others  # > 0: the mass rule would draw
-    return torch.relu(margin + gap)[labels != boi_column].sum()
+    return torch.relu(margin + boi_gap(logits, boi_column))[labels != boi_column].sum()

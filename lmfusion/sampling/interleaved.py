@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..codecs.base import ImageCodec
+from ..model.draw_margin import boi_gap
 from ..utils import atomic_write_bytes
 from .image import check_sampling_args, decode_latents, denoise, image_generators, resolve_guidance_scale
 from .context import Context
@@ -38,9 +39,9 @@ def pick_token(logits: torch.Tensor, picker: TokenPicker, boi_id: int, draw_deci
     "mass" picks BOI only when p(BOI) > 1/2, i.e. its logit beats the log-sum-exp of the text's."""
     token = int(picker(logits.unsqueeze(0))[0])
     if token == boi_id and draw_decision == "mass" and picker.temperature == 0:
-        text = logits.clone()
-        text[boi_id] = float("-inf")
-        if logits[boi_id] <= torch.logsumexp(text, -1):  # drawing is less likely than writing
+        if boi_gap(logits, boi_id) <= 0:  # drawing is less likely than writing: the likeliest text token
+            text = logits.clone()
+            text[boi_id] = float("-inf")
             token = int(text.argmax())
     return token
 
