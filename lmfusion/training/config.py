@@ -386,9 +386,10 @@ PRESETS["paper"] = dict(
 # (image_condition "previous", InstructPix2Pix's channel concat; its weights start at zero, so the
 # quickstart start gains it unchanged): at image guidance 1 it kept the rest of the scene in 0.23 of
 # held-out edits against 0.04 for a paired run without it from the same start (0.11 and 0.02 earlier),
-# and its best joint (0.23 at image guidance 1.5, success 0.63) is the best measured, still far from
-# the 0.6 (benchmarks/results/edit.md).
-# ~45-65 min on 2 CPU cores. `--init-from ''` trains from fresh image modules.
+# and its best joint is 0.23 (image guidance 1.5, success 0.63); continued for 900 more steps it
+# reached 0.38, still short of the 0.6 (benchmarks/results/edit.md).
+# 600 steps: 43 min 53 s on 2 AVX2 cores (Zen 3, the preset before the source input); 37 min 43 s of
+# steps at 2 threads on a Zen 4 AVX-512 VM. `--init-from ''` trains from fresh image modules.
 PRESETS["edit"] = dict(
     PRESETS["quickstart"],
     name="edit",
