@@ -72,8 +72,15 @@ def _attributes(obj) -> dict[str, Any]:
     return {"shape": get("shape"), "colour": get("colour"), "size": get("size"), "cell": cell_of(get("x"), get("y"))}
 
 
-def score_edit(image, row: dict) -> dict[str, float]:
-    """success / preservation / joint of one edited image against its row's target records.
+LOST_REASONS = ("background", "count", "missing", *ATTRIBUTES)  # what preservation can fail on, in report order
+
+
+def judge_edit(image, row: dict) -> tuple[bool, tuple[str, ...]]:
+    """(success, lost) of one edited image against its row's target records.
+
+    `lost` names what preservation failed on, from LOST_REASONS: no white background, a wrong
+    object count, an expected object not found, or an attribute of a kept object that changed.
+    Preservation holds exactly when it is empty.
 
     Both need a shapes picture: a white background, and objects read from the largest blobs only
     (as many as the target has). Otherwise a noisy image, full of small blobs of every colour,
@@ -82,7 +89,7 @@ def score_edit(image, row: dict) -> dict[str, float]:
     detected = parse_shapes_image(image)
     target, kind, edited = row["target_objects"], row["edit_type"], row["edited"]
     if white_fraction(image) < WHITE_BACKGROUND_MIN:
-        return {"success": 0.0, "preservation": 0.0, "joint": 0.0}
+        return False, ("background",)
     matched = match_objects(target, detected[: len(target)])
     got = [None if m is None else _attributes(m) for m in matched]
     want = [_attributes(o) for o in target]
@@ -90,21 +97,34 @@ def score_edit(image, row: dict) -> dict[str, float]:
     if kind == "remove":
         gone = _attributes(row["source_objects"][edited])
         success = not any((d.shape, d.colour) == (gone["shape"], gone["colour"]) for d in detected)
-        others = range(len(target))
+        kept = {i: ATTRIBUTES for i in range(len(target))}
     elif kind == "add":
-        success, others = same(edited, ATTRIBUTES), [i for i in range(len(target)) if i != edited]
+        success = same(edited, ATTRIBUTES)
+        kept = {i: ATTRIBUTES for i in range(len(target)) if i != edited}
     else:
         attribute = EDITED_ATTRIBUTE[kind]
         success = same(edited, [attribute])
-        others = [i for i in range(len(target)) if i != edited]
-    kept = all(same(i, ATTRIBUTES) for i in others) and len(detected) == len(target)
-    if kind in EDITED_ATTRIBUTE:  # the edited object's other attributes are preserved too
-        kept = kept and same(edited, [a for a in ATTRIBUTES if a != EDITED_ATTRIBUTE[kind]])
-    return {"success": float(success), "preservation": float(kept), "joint": float(success and kept)}
+        kept = {i: ATTRIBUTES for i in range(len(target)) if i != edited}
+        kept[edited] = tuple(a for a in ATTRIBUTES if a != attribute)  # the edited object's other attributes
+    lost = {"count"} if len(detected) != len(target) else set()
+    for i, keys in kept.items():
+        lost |= {"missing"} if got[i] is None else {k for k in keys if got[i][k] != want[i][k]}
+    return success, tuple(r for r in LOST_REASONS if r in lost)
+
+
+def _as_numbers(success: bool, lost: tuple[str, ...]) -> dict[str, float]:
+    return {"success": float(success), "preservation": float(not lost), "joint": float(success and not lost)}
+
+
+def score_edit(image, row: dict) -> dict[str, float]:
+    """success / preservation / joint of one edited image (judge_edit as numbers)."""
+    return _as_numbers(*judge_edit(image, row))
 
 
 def summarise(scores: list[dict], rows: list[dict]) -> dict[str, dict]:
-    """Means per edit type, overall, and for the test rows with unseen phrasings or unseen results."""
+    """Means per edit type, overall, and for the test rows with unseen phrasings or unseen results.
+
+    A score's "lost" (a tuple of reasons) becomes "lost": {reason: share of the group's triples}."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for score, row in zip(scores, rows):
         groups[row["edit_type"]].append(score)
@@ -113,14 +133,21 @@ def summarise(scores: list[dict], rows: list[dict]) -> dict[str, dict]:
             if row.get(flag):
                 groups[flag].append(score)
     order = ["overall", *EDIT_TYPES, "unseen_phrasing", "unseen_result"]  # a fixed column order for reports
-    return {name: {**{k: sum(s[k] for s in groups[name]) / len(groups[name]) for k in groups[name][0]},
-                   "n": len(groups[name])} for name in order if groups.get(name)}
+    summary = {}
+    for name in (g for g in order if groups.get(g)):
+        members = groups[name]
+        means = {k: sum(s[k] for s in members) / len(members) for k in members[0] if k != "lost"}
+        if "lost" in members[0]:
+            means["lost"] = {r: sum(r in s["lost"] for s in members) / len(members) for r in LOST_REASONS}
+        summary[name] = {**means, "n": len(members)}
+    return summary
 
 
 def score_images(images: torch.Tensor, targets: torch.Tensor, rows: list[dict]) -> dict[str, dict]:
     scores = []
     for image, target, row in zip(images, targets, rows):
-        scores.append({**score_edit(image, row), "l1": float((image - target).abs().mean())})
+        success, lost = judge_edit(image, row)
+        scores.append({**_as_numbers(success, lost), "l1": float((image - target).abs().mean()), "lost": lost})
     return summarise(scores, rows)
 
 
@@ -213,6 +240,15 @@ def markdown(result: dict, instructions: list[str]) -> str:
         for name, scores in result["methods"].items():
             lines.append(f"| {name} | " + " | ".join(f"{scores[g][metric]:.3f}" if g in scores else "" for g in groups) + " |")
         lines.append("")
+    lines += ["## what preservation lost", "",
+              "Share of triples whose preservation failed on each reason (several can hold at once): no white "
+              "background, a wrong object count, an object not found, or a kept object's shape / colour / size / "
+              "grid cell changed.", "", "| method | reason | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+    for name, scores in result["methods"].items():
+        for reason in LOST_REASONS:
+            lines.append(f"| {name} | {reason} | " + " | ".join(
+                f"{scores[g]['lost'][reason]:.3f}" if "lost" in scores.get(g, {}) else "" for g in groups) + " |")
+    lines.append("")
     lines += ["`edits.png`: rows of 8 are sources, then each method's images in the order above, then the "
               "true targets. Instructions of the first 8:", ""]
     lines += [f"{i + 1}. {text}" for i, text in enumerate(instructions[:8])]
