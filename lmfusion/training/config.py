@@ -18,7 +18,7 @@ import yaml
 
 from ..config import ATTENTION, TINY_UNET, LMFusionConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 TASKS = ("auto", "caption", "edit", "chat")
 PARALLEL = ("ddp", "fsdp")
 
@@ -77,7 +77,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.0  # > 0: keep a moving average of the trainable weights (checkpoint's ema/); 0 = off
-    precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32)
+    precision: str = "fp32"  # "bf16": bf16 autocast (weights and optimizer stay fp32); "auto": bf16 where native
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each fused decoder layer (after checkpointing, before FSDP)
     skip_frozen_context: bool = False  # no autograd graph for text that nothing trainable precedes

@@ -53,7 +53,8 @@ FIELD_HELP: dict[str, str] = {
     "ema_decay": "> 0: also keep an exponential moving average of the trainable weights, with this decay as its cap "
                  "(diffusers' EMAModel warm-up: min(decay, (1 + n) / (10 + n)) after n steps), saved as each "
                  "checkpoint's ema/ model folder; 0 = off",
-    "precision": "fp32 | bf16 (bf16 autocast; weights and optimizer stay fp32)",
+    "precision": "fp32 | bf16 | auto (bf16 autocast, weights and optimizer staying fp32; auto: bf16 on a GPU "
+                 "with bf16 or a CPU with AVX-512-BF16 or AMX, where it is faster, else fp32)",
     "pack_length": "> 0: pack each micro-batch's examples, whole and in order, into rows of exactly this many "
                    "tokens (each example attends only within itself; padding only at row ends); 0: one padded row per example",
     "attention": "attention kernel for training: sdpa (dense mask; CPU and short rows) or flex (flex_attention with a "

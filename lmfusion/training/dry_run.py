@@ -117,7 +117,7 @@ def dry_run(config: TrainConfig, world_size: int) -> DryRun:
     micro, _ = config.split_batch(world_size)
     micro_tokens = config.pack_length * -(-micro * per_example // config.pack_length) if config.pack_length else micro * per_example
     hidden, inter, layers = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
-    act_bytes = 2 if config.precision == "bf16" else 4
+    act_bytes = 4 if config.precision == "fp32" else 2  # "auto" is bf16 on the GPUs this plans for
     per_layer_token = (10 * hidden + 3 * inter) * act_bytes
     if config.gradient_checkpointing:
         activations = micro_tokens * (layers * hidden * act_bytes + per_layer_token)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +174,26 @@ def train_step(step: int, wrapped, model, source: BatchSource, optimizer, schedu
             "packing_efficiency": float(local[2]) / max(positions, 1)}  # this rank's real tokens / positions
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA device with bf16, or a CPU with AVX-512-BF16 or AMX.
+
+    Elsewhere (an AVX2 CPU) bf16 autocast runs 10-30x slower than fp32 (benchmarks/results/
+    training_throughput.md); on a Zen 4 CPU with AVX-512-BF16 a quickstart step took 0.58x its fp32 time.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # private but long-standing torch.cpu helpers (cpuinfo flags)
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """`precision: auto` made concrete for this device, so config.yaml and resume see what ran."""
+    if config.precision != "auto":
+        return config
+    return replace(config, precision="bf16" if native_bf16(device) else "fp32")
+
+
 def autocast(config: TrainConfig, info: DistInfo):
     return torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
@@ -209,6 +229,7 @@ def check_parallel(config: TrainConfig, info: DistInfo) -> None:
 def _train(config: TrainConfig, info: DistInfo, resume: bool, overwrite: bool) -> dict:
     started = time.time()
     check_parallel(config, info)
+    config = resolve_precision(config, info.device)
     if config.init_from:  # before any data is generated or encoded: a missing start fails in a second
         ckpt.init_folder(config.init_from)
     if config.threads:

@@ -72,6 +72,24 @@ def test_bf16_autocast_and_text_only_examples_run(make_config):
     assert summary["steps"] == 2
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_trains_in_bf16_only_where_it_is_native_and_records_what_ran(make_config, monkeypatch, native):
+    from lmfusion.training import loop
+    from lmfusion.training.config import TrainConfig, read_yaml
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    seen = []
+    real_autocast = loop.autocast
+    monkeypatch.setattr(loop, "autocast", lambda config, info: seen.append(config.precision) or real_autocast(config, info))
+    config = make_config(precision="auto", max_steps=1, name=f"auto_{native}")
+    train(config)
+    want = "bf16" if native else "fp32"
+    assert set(seen) == {want}
+    assert TrainConfig.from_dict(read_yaml(config.run_dir / "config.yaml")).precision == want
+    train(make_config(precision="auto", max_steps=2, name=f"auto_{native}"), resume=True)  # same machine: resumable
+
+
 def test_existing_run_needs_resume_or_overwrite(make_config):
     train(make_config(max_steps=1))
     with pytest.raises(ValueError, match="--resume"):
