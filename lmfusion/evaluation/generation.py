@@ -28,18 +28,21 @@ def generate_images(
     guidance_scale: float = 1.0,
     scheduler: str | None = None,
     batch_size: int = 16,
+    **options,
 ) -> torch.Tensor:
     """``[N, 3, S, S]`` images in [0, 1], image i from ``prompts[i]`` with seed ``seed + i``.
 
     The pipeline's own sampler, ``batch_size`` prompts per call (one forward per step for the
     batch and both guidance branches), with one seed per image; image i is exactly
-    ``pipe.generate_image(prompts[i], seed=seed + i)``.
+    ``pipe.generate_image(prompts[i], seed=seed + i)``. ``options`` go to it as they are
+    (``guidance_interval``).
     """
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         seeds = [seed + start + k for k in range(len(chunk))]
-        images.append(pipe.generate_image(chunk, steps, guidance_scale, seeds, scheduler, output="tensor", progress=False))
+        images.append(pipe.generate_image(chunk, steps, guidance_scale, seeds, scheduler, output="tensor", progress=False,
+                                          **options))
     return torch.cat(images)
 
 

@@ -75,6 +75,16 @@ def test_guidance_changes_the_image_and_zero_guidance_is_unconditional(model):
     assert (zero - unconditional).abs().max() < TOL
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(model):
+    everywhere = _sample(model, PROMPTS, steps=4, guidance_scale=3.0)
+    assert (everywhere - _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0, 1))).abs().max() < TOL
+    unguided = _sample(model, PROMPTS, steps=4, guidance_scale=1.0)
+    nowhere = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.0))  # no step at level 0
+    assert (unguided - nowhere).abs().max() < TOL
+    partly = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.9))  # drops the first step's
+    assert (partly - everywhere).abs().max() > 10 * TOL and (partly - unguided).abs().max() > 10 * TOL
+
+
 def test_prompt_matters(model):
     a, b = _sample(model, [PROMPTS[0]], n=1), _sample(model, [PROMPTS[1]], n=1)
     assert not torch.allclose(a, b)
@@ -90,6 +100,8 @@ def test_prompt_matters(model):
         (dict(steps=0), "steps must be >= 1"),
         (dict(n=0), "n must be >= 1"),
         (dict(scheduler="heun"), "unknown scheduler"),
+        (dict(guidance_interval=(0.6, 0.2)), "0 <= lo <= hi <= 1"),
+        (dict(guidance_interval="high"), "two noise levels"),
     ],
 )
 def test_bad_input_raises_value_error(model, options, message):

@@ -1,0 +1,78 @@
+"""Held-out generation of one checkpoint under several sampler settings, side by side.
+
+Every variant draws the same prompts (the first N test captions of DATA) with the same seeds
+(image i: seed i, as `lmfusion eval` does), so the oracle figures differ only by the sampler:
+
+    python benchmarks/sampler_variants.py --checkpoint runs/quickstart --data data/shapes_heldout_s1 \\
+        --n 64 --guidance-scale 5 --variant full --variant last_off:0.2,1 --variant low_off:0.5,1
+
+A variant is NAME (guidance at every step) or NAME:LO,HI, a guidance interval: guidance only at
+the steps whose noise level (a fraction of the training timesteps) lies in [LO, HI].
+Prints a markdown table and writes the figures as JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmfusion.evaluation.data import load_split, split_paths
+from lmfusion.evaluation.generation import ORACLE_KEYS, generate_images, oracle_scores
+from lmfusion.model.lmfusion import LMFusionModel
+from lmfusion.run_folders import resolve_checkpoint
+from lmfusion.sampling.image import check_guidance_interval
+from lmfusion.sampling.pipeline import LMFusionPipeline
+
+
+def parse_variant(text: str) -> tuple[str, tuple[float, float] | None]:
+    name, _, interval = text.partition(":")
+    if not interval:
+        return name, None
+    try:
+        return name, check_guidance_interval(interval.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: {error}") from None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run, checkpoint or model folder")
+    parser.add_argument("--data", required=True, help="shapes dataset whose test split gives prompts and scenes")
+    parser.add_argument("--n", type=int, default=64, help="test captions to draw (default 64)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as lmfusion eval)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's saved one")
+    parser.add_argument("--variant", action="append", type=parse_variant, required=True,
+                        help="NAME or NAME:LO,HI (guidance interval); repeat for each variant")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = LMFusionModel.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
+    pipe = LMFusionPipeline(model)
+    test = load_split(split_paths(args.data)[1], model.config.image_size, args.n)
+    scale = args.guidance_scale if args.guidance_scale is not None else model.config.default_guidance_scale
+    rows = {}
+    for name, interval in args.variant:
+        started = time.time()
+        images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance_interval=interval)
+        rows[name] = {"interval": interval, **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
+        print(f"{name}: all-correct {rows[name]['all_correct']:.3f} count {rows[name]['count']:.3f} "
+              f"({rows[name]['seconds']} s)", flush=True)
+    print(f"\n{args.checkpoint}, {len(test)} prompts of {args.data}, guidance {scale:g}, {args.steps} steps\n")
+    print("| variant | interval | " + " | ".join(ORACLE_KEYS) + " |")
+    print("|---|---|" + "---|" * len(ORACLE_KEYS))
+    for name, row in rows.items():
+        print(f"| {name} | {row['interval'] or 'all steps'} | " + " | ".join(f"{row[k]:.3f}" for k in ORACLE_KEYS) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "n": len(test),
+                                              "guidance_scale": scale, "steps": args.steps, "variants": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
