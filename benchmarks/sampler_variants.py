@@ -4,16 +4,18 @@ Every variant draws the same prompts (the first N test captions of DATA) with th
 (image i: seed i, as `lmfusion eval` does), so the oracle figures differ only by the sampler:
 
     python benchmarks/sampler_variants.py --checkpoint runs/quickstart --data data/shapes_heldout_s1 \\
-        --n 64 --guidance-scale 5 --variant full --variant last_off:0.2,1 --variant low_off:0.5,1
+        --n 64 --guidance-scale 5 --variant plain --variant high_off:interval=0-0.95 --variant apg:parallel=0
 
-A variant is NAME (guidance at every step) or NAME:LO,HI, a guidance interval: guidance only at
-the steps whose noise level (a fraction of the training timesteps) lies in [LO, HI].
+A variant is NAME (plain guidance) or NAME:KEY=VALUE,... with the keys of
+lmfusion.sampling.guidance.GuidanceOptions: interval=LO-HI (guide only at the steps whose noise
+level, a fraction of the training timesteps, lies in [LO, HI]), rescale=R, parallel=ETA.
 Prints a markdown table and writes the figures as JSON (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,16 +26,24 @@ from lmfusion.evaluation.data import load_split, split_paths
 from lmfusion.evaluation.generation import ORACLE_KEYS, generate_images, oracle_scores
 from lmfusion.model.lmfusion import LMFusionModel
 from lmfusion.run_folders import resolve_checkpoint
-from lmfusion.sampling.image import check_guidance_interval
+from lmfusion.sampling.guidance import GuidanceOptions
 from lmfusion.sampling.pipeline import LMFusionPipeline
 
 
-def parse_variant(text: str) -> tuple[str, tuple[float, float] | None]:
-    name, _, interval = text.partition(":")
-    if not interval:
-        return name, None
+def parse_variant(text: str) -> tuple[str, GuidanceOptions]:
+    """NAME[:KEY=VALUE,...] with keys interval=LO-HI, rescale=R, parallel=ETA (GuidanceOptions)."""
+    name, _, spec = text.partition(":")
+    fields = {}
     try:
-        return name, check_guidance_interval(interval.split(","))
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            if key == "interval":
+                fields["interval"] = tuple(float(v) for v in value.split("-"))
+            elif key in ("rescale", "parallel"):
+                fields["rescale" if key == "rescale" else "parallel_weight"] = float(value)
+            else:
+                raise ValueError(f"unknown key {key!r} (interval, rescale, parallel)")
+        return name, GuidanceOptions(**fields)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {error}") from None
 
@@ -46,7 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as lmfusion eval)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's saved one")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,
-                        help="NAME or NAME:LO,HI (guidance interval); repeat for each variant")
+                        help="NAME or NAME:interval=LO-HI,rescale=R,parallel=ETA; repeat for each variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
     args = parser.parse_args()
@@ -58,17 +68,17 @@ def main() -> None:
     test = load_split(split_paths(args.data)[1], model.config.image_size, args.n)
     scale = args.guidance_scale if args.guidance_scale is not None else model.config.default_guidance_scale
     rows = {}
-    for name, interval in args.variant:
+    for name, options in args.variant:
         started = time.time()
-        images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance_interval=interval)
-        rows[name] = {"interval": interval, **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
+        images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance=options)
+        rows[name] = {"guidance": dataclasses.asdict(options), **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
         print(f"{name}: all-correct {rows[name]['all_correct']:.3f} count {rows[name]['count']:.3f} "
               f"({rows[name]['seconds']} s)", flush=True)
     print(f"\n{args.checkpoint}, {len(test)} prompts of {args.data}, guidance {scale:g}, {args.steps} steps\n")
-    print("| variant | interval | " + " | ".join(ORACLE_KEYS) + " |")
+    print("| variant | guidance | " + " | ".join(ORACLE_KEYS) + " |")
     print("|---|---|" + "---|" * len(ORACLE_KEYS))
     for name, row in rows.items():
-        print(f"| {name} | {row['interval'] or 'all steps'} | " + " | ".join(f"{row[k]:.3f}" for k in ORACLE_KEYS) + " |")
+        print(f"| {name} | {row['guidance']} | " + " | ".join(f"{row[k]:.3f}" for k in ORACLE_KEYS) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "data": args.data, "n": len(test),
                                               "guidance_scale": scale, "steps": args.steps, "variants": rows}, indent=1))

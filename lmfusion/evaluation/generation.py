@@ -35,7 +35,7 @@ def generate_images(
     The pipeline's own sampler, ``batch_size`` prompts per call (one forward per step for the
     batch and both guidance branches), with one seed per image; image i is exactly
     ``pipe.generate_image(prompts[i], seed=seed + i)``. ``options`` go to it as they are
-    (``guidance_interval``).
+    (``guidance``).
     """
     images = []
     for start in range(0, len(prompts), batch_size):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..codecs.base import ImageCodec
 from ..codecs.registry import latent_clip
 from ..diffusion import check_sampler
+from .guidance import PLAIN, GuidanceOptions
 from .text import Context, encode_text, max_positions
 
 # ---------------------------------------------------------------------- codec and image I/O
@@ -103,19 +104,6 @@ def check_sampling_args(steps: int, guidance_scale: float | None, n: int = 1, sc
     check_sampler(scheduler, objective)  # raises ValueError naming the choices
 
 
-def check_guidance_interval(interval) -> tuple[float, float] | None:
-    """(lo, hi) with 0 <= lo <= hi <= 1 as floats, or None; a ValueError naming the problem otherwise."""
-    if interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_interval must be two noise levels (lo, hi) in [0, 1], got {interval!r}") from None
-    if not 0 <= lo <= hi <= 1:
-        raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got ({lo:g}, {hi:g})")
-    return lo, hi
-
-
 # ---------------------------------------------------------------------- the sampler
 def image_generators(seed: int | Sequence[int] | None, count: int) -> list[torch.Generator]:
     """One RNG per image, image j seeded with seed + j (or with seed[j] when given a list).
@@ -146,7 +134,7 @@ def denoise(
     image_guidance_scale: float | None = None,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance: GuidanceOptions = PLAIN,
 ) -> torch.Tensor:
     """Run the reverse diffusion for N images; returns clean latents [N, C, h, w] (fp32).
 
@@ -162,9 +150,9 @@ def denoise(
     steps - round(steps * strength) and runs only the steps left (SDEdit; diffusers' img2img
     `strength`): what the noise leaves of the start image is kept, the rest is drawn anew.
 
-    `guidance_interval` (lo, hi), noise levels as fractions of the training timesteps: guide only
-    at the steps whose level lies in [lo, hi] and use the conditional prediction alone elsewhere
-    (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"). None guides every step.
+    `guidance` refines plain CFG (lmfusion.sampling.guidance): an interval of noise levels outside
+    which the fully conditioned prediction is used alone (both layouts), and for two-branch
+    guidance a rescale and a down-weighted parallel part of the update.
     """
     check_strength(strength)
     config = model.config
@@ -194,14 +182,14 @@ def denoise(
         x = sampler.scale_model_input(latents, t) if hasattr(sampler, "scale_model_input") else latents
         rows = torch.cat([x] * copies)
         prediction = torch.cat([b.predict_noise(part, t) for b, part in zip(branches, rows.split([b.rows for b in branches]))])
-        if guidance_interval is not None and not guidance_interval[0] <= level <= guidance_interval[1]:
+        if not guidance.guides_at(level):
             prediction = prediction[:n]  # the fully conditioned rows come first in every layout
         elif copies == 3:
             full, source, none = prediction.chunk(3)
             prediction = none + image_guidance_scale * (source - none) + guidance_scale * (full - source)
         elif copies == 2:
             cond, uncond = prediction.chunk(2)
-            prediction = uncond + guidance_scale * (cond - uncond)
+            prediction = guidance.combine(cond, uncond, guidance_scale)
         prediction = model.objective.clip_prediction(latents, prediction, t, clip)
         latents = sampler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
@@ -220,7 +208,7 @@ def sample_latents(
     cache_prefix: bool = True,
     batch_cfg: bool = True,
     progress: bool = True,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance: GuidanceOptions = PLAIN,
 ) -> torch.Tensor:
     """Latents [len(prompts) * n, C, h, w], prompt-major (n images of prompt 0 first).
 
@@ -248,8 +236,7 @@ def sample_latents(
         if guided:
             branches.append(Context.from_tokens(model, [unconditional], cache_prefix).select(torch.zeros_like(cond_rows)))
     generators = image_generators(seed, len(prompts) * n)
-    return denoise(model, branches, generators, steps, guidance_scale, scheduler, progress,
-                   guidance_interval=check_guidance_interval(guidance_interval))
+    return denoise(model, branches, generators, steps, guidance_scale, scheduler, progress, guidance=guidance)
 
 
 def generate_image(
@@ -265,7 +252,7 @@ def generate_image(
     progress: bool = True,
     *,
     codec: ImageCodec,
-    guidance_interval: tuple[float, float] | None = None,
+    guidance: GuidanceOptions = PLAIN,
 ):
     """Generate n images per prompt; a list, prompt-major, of PIL images (or one tensor).
 
@@ -277,8 +264,7 @@ def generate_image(
     if output not in ("pil", "tensor"):
         raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
     latents = sample_latents(
-        model, prompt, n, steps, guidance_scale, seed, scheduler, allow_empty, progress=progress,
-        guidance_interval=guidance_interval,
+        model, prompt, n, steps, guidance_scale, seed, scheduler, allow_empty, progress=progress, guidance=guidance,
     )
     images = decode_latents(codec, latents)
     if output == "tensor":

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lmfusion.sampling.guidance import GuidanceOptions
 from lmfusion.sampling.image import generate_image, max_prompt_tokens, sample_latents
 
 PROMPTS = ["a red circle", "a large green triangle to the left of a small yellow circle"]
@@ -77,12 +78,30 @@ def test_guidance_changes_the_image_and_zero_guidance_is_unconditional(model):
 
 def test_guidance_interval_guides_only_the_steps_inside_it(model):
     everywhere = _sample(model, PROMPTS, steps=4, guidance_scale=3.0)
-    assert (everywhere - _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0, 1))).abs().max() < TOL
+    within = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance=GuidanceOptions(interval=(0, 1)))
+    assert (everywhere - within).abs().max() < TOL
     unguided = _sample(model, PROMPTS, steps=4, guidance_scale=1.0)
-    nowhere = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.0))  # no step at level 0
+    nowhere = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance=GuidanceOptions(interval=(0, 0)))  # no step at 0
     assert (unguided - nowhere).abs().max() < TOL
-    partly = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance_interval=(0.0, 0.9))  # drops the first step's
+    partly = _sample(model, PROMPTS, steps=4, guidance_scale=3.0, guidance=GuidanceOptions(interval=(0, 0.9)))
     assert (partly - everywhere).abs().max() > 10 * TOL and (partly - unguided).abs().max() > 10 * TOL
+
+
+def test_guidance_rescale_and_projection_follow_their_formulas():
+    cond, uncond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    plain = uncond + 5 * (cond - uncond)
+    assert torch.allclose(GuidanceOptions().combine(cond, uncond, 5), plain)
+    assert torch.allclose(GuidanceOptions(parallel_weight=1.0).combine(cond, uncond, 5), plain)
+    rescaled = GuidanceOptions(rescale=1.0).combine(cond, uncond, 5)  # the guided std matches the conditional one
+    assert torch.allclose(rescaled.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)
+    projected = GuidanceOptions(parallel_weight=0.0).combine(cond, uncond, 5)
+    update = (projected - uncond) / 5  # only the part of cond - uncond orthogonal to cond is left
+    assert (update * cond).sum(dim=(1, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(update + (cond - uncond - update), cond - uncond)
+    for bad, message in [(dict(interval=(0.6, 0.2)), "0 <= lo <= hi <= 1"), (dict(interval="high"), "two noise levels"),
+                         (dict(rescale=2.0), "rescale must be in"), (dict(parallel_weight=-1), "parallel_weight")]:
+        with pytest.raises(ValueError, match=message):
+            GuidanceOptions(**bad)
 
 
 def test_prompt_matters(model):
@@ -100,8 +119,6 @@ def test_prompt_matters(model):
         (dict(steps=0), "steps must be >= 1"),
         (dict(n=0), "n must be >= 1"),
         (dict(scheduler="heun"), "unknown scheduler"),
-        (dict(guidance_interval=(0.6, 0.2)), "0 <= lo <= hi <= 1"),
-        (dict(guidance_interval="high"), "two noise levels"),
     ],
 )
 def test_bad_input_raises_value_error(model, options, message):
