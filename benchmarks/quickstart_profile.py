@@ -57,10 +57,11 @@ def quickstart_training(overrides: dict | None = None, images: int = 64) -> dict
     from lmfusion.training.config import load_config
     from lmfusion.training.data import CaptionLatents, build_batch_source
     from lmfusion.training.distributed import DistInfo
-    from lmfusion.training.loop import StepPlan, build_model, build_optimizer, build_scheduler
+    from lmfusion.training.loop import StepPlan, build_model, build_optimizer, build_scheduler, resolve_precision
     from lmfusion.training.parallelize import compile_layers
 
-    config = load_config("quickstart", overrides={**(overrides or {}), "progress": False})
+    # precision "auto" made concrete as `lmfusion train` does (bf16 where native, else fp32)
+    config = resolve_precision(load_config("quickstart", overrides={**(overrides or {}), "progress": False}), torch.device("cpu"))
     if config.threads:  # before the model is built, as `lmfusion train` does
         torch.set_num_threads(config.threads)
     model, codec = build_model(config)
