@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 
 @dataclass(frozen=True)

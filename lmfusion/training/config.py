@@ -277,7 +277,7 @@ PRESETS: dict[str, dict] = {
         # The best of guidance 1 / 3 / 5 / 8 for all-correct on two held-out seeds (benchmarks/results/quickstart.md).
         guidance_scale=5.0,
         probe_every=100,
-        # bf16 where it is native (AVX-512-BF16 / AMX CPUs, GPUs): 0.58x the step time on a Zen 4 core,
+        # bf16 where it is native (AVX-512-BF16 / AMX CPUs, GPUs): 0.66x the step time on 2 quiet Zen 4 cores,
         # held-out figures within the fp32 runs' spread (benchmarks/results/quickstart.md); fp32 on AVX2.
         precision="auto",
     ),

@@ -178,7 +178,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively here: a CUDA device with bf16, or a CPU with AVX-512-BF16 or AMX.
 
     Elsewhere (an AVX2 CPU) bf16 autocast runs 10-30x slower than fp32 (benchmarks/results/
-    training_throughput.md); on a Zen 4 CPU with AVX-512-BF16 a quickstart step took 0.58x its fp32 time.
+    training_throughput.md); on a Zen 4 CPU with AVX-512-BF16 a quickstart step took 0.66x its fp32 time.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
