@@ -27,6 +27,7 @@ from lmfusion.evaluation.generation import ORACLE_KEYS, generate_images, oracle_
 from lmfusion.model.lmfusion import LMFusionModel
 from lmfusion.run_folders import resolve_checkpoint
 from lmfusion.sampling.guidance import GuidanceOptions
+from lmfusion.sampling.image import resolve_guidance_scale
 from lmfusion.sampling.pipeline import LMFusionPipeline
 
 
@@ -66,7 +67,7 @@ def main() -> None:
     model = LMFusionModel.from_pretrained(resolve_checkpoint(args.checkpoint)).eval()
     pipe = LMFusionPipeline(model)
     test = load_split(split_paths(args.data)[1], model.config.image_size, args.n)
-    scale = args.guidance_scale if args.guidance_scale is not None else model.config.default_guidance_scale
+    scale = resolve_guidance_scale(model, args.guidance_scale)
     rows = {}
     for name, options in args.variant:
         started = time.time()
