@@ -8,7 +8,9 @@ Every variant draws the same prompts (the first N test captions of DATA) with th
 
 A variant is NAME (plain guidance) or NAME:KEY=VALUE,... with the keys of
 lmfusion.sampling.guidance.GuidanceOptions: interval=LO-HI (guide only at the steps whose noise
-level, a fraction of the training timesteps, lies in [LO, HI]), rescale=R, parallel=ETA.
+level, a fraction of the training timesteps, lies in [LO, HI]), rescale=R, parallel=ETA; and
+shift=S, the flow Euler sampler's timestep shift (default: the model's training shift), which
+decides where the steps fall: at shift 10 and 20 steps the last two go from noise 0.36 to 0.01 to 0.
 Prints a markdown table and writes the figures as JSON (--out).
 """
 
@@ -31,10 +33,10 @@ from lmfusion.sampling.image import resolve_guidance_scale
 from lmfusion.sampling.pipeline import LMFusionPipeline
 
 
-def parse_variant(text: str) -> tuple[str, GuidanceOptions]:
-    """NAME[:KEY=VALUE,...] with keys interval=LO-HI, rescale=R, parallel=ETA (GuidanceOptions)."""
+def parse_variant(text: str) -> tuple[str, GuidanceOptions, float | None]:
+    """NAME[:KEY=VALUE,...] with keys interval=LO-HI, rescale=R, parallel=ETA (GuidanceOptions), shift=S."""
     name, _, spec = text.partition(":")
-    fields = {}
+    fields, shift = {}, None
     try:
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
@@ -42,9 +44,13 @@ def parse_variant(text: str) -> tuple[str, GuidanceOptions]:
                 fields["interval"] = tuple(float(v) for v in value.split("-"))
             elif key in ("rescale", "parallel"):
                 fields["rescale" if key == "rescale" else "parallel_weight"] = float(value)
+            elif key == "shift":
+                shift = float(value)
+                if shift <= 0:
+                    raise ValueError(f"shift must be positive, got {shift:g}")
             else:
-                raise ValueError(f"unknown key {key!r} (interval, rescale, parallel)")
-        return name, GuidanceOptions(**fields)
+                raise ValueError(f"unknown key {key!r} (interval, rescale, parallel, shift)")
+        return name, GuidanceOptions(**fields), shift
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"variant {text!r}: {error}") from None
 
@@ -57,7 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20, as lmfusion eval)")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's saved one")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,
-                        help="NAME or NAME:interval=LO-HI,rescale=R,parallel=ETA; repeat for each variant")
+                        help="NAME or NAME:interval=LO-HI,rescale=R,parallel=ETA,shift=S; repeat for each variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
     args = parser.parse_args()
@@ -69,10 +75,13 @@ def main() -> None:
     test = load_split(split_paths(args.data)[1], model.config.image_size, args.n)
     scale = resolve_guidance_scale(model, args.guidance_scale)
     rows = {}
-    for name, options in args.variant:
+    training_shift = model.objective.shift
+    for name, options, shift in args.variant:
         started = time.time()
+        model.objective.shift = training_shift if shift is None else shift  # read by objective.sampler()
         images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance=options)
-        rows[name] = {"guidance": dataclasses.asdict(options), **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
+        model.objective.shift = training_shift
+        rows[name] = {"guidance": dataclasses.asdict(options), "sampler_shift": shift or training_shift, **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
         print(f"{name}: all-correct {rows[name]['all_correct']:.3f} count {rows[name]['count']:.3f} "
               f"({rows[name]['seconds']} s)", flush=True)
     print(f"\n{args.checkpoint}, {len(test)} prompts of {args.data}, guidance {scale:g}, {args.steps} steps\n")
