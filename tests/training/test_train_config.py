@@ -84,6 +84,19 @@ def test_quickstart_yaml_is_the_preset():
     assert from_file.image_size == 64 and from_file.patch_size == 2
 
 
+
+def test_quickstart_720_is_the_preset_in_twice_the_steps():
+    """The overlay sees the preset's examples in 2x the optimizer steps and changes nothing else."""
+    preset = load_config("quickstart")
+    layered = load_config("quickstart", REPO / "configs" / "quickstart_720.yaml")
+    assert layered.batch_size * layered.max_steps == preset.batch_size * preset.max_steps
+    assert layered.max_steps == 2 * preset.max_steps
+    assert layered.batch_size * layered.warmup_steps == preset.batch_size * preset.warmup_steps
+    schedule = {"name", "batch_size", "max_steps", "warmup_steps", "log_every", "probe_every",
+                "checkpoint_every", "sample_every"}
+    differing = {key for key, value in vars(layered).items() if getattr(preset, key) != value}
+    assert differing <= schedule and {"batch_size", "max_steps"} <= differing
+
 def test_fresh_modules_get_their_own_learning_rate(tiny_base):
     """The U-Net blocks, timestep MLP and BOI/EOI rows train at lr x fresh_lr_scale."""
     from lmfusion.model.lmfusion import LMFusionModel
