@@ -81,8 +81,10 @@ def main() -> None:
     for name, options, shift in args.variant:
         started = time.time()
         model.objective.shift = training_shift if shift is None else shift  # read by objective.sampler()
-        images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance=options)
-        model.objective.shift = training_shift
+        try:
+            images = generate_images(pipe, test.captions, 0, args.steps, scale, None, 16, guidance=options)
+        finally:
+            model.objective.shift = training_shift
         rows[name] = {"guidance": dataclasses.asdict(options), "sampler_shift": shift or training_shift, **oracle_scores(images, test.metas), "seconds": round(time.time() - started, 1)}
         print(f"{name}: all-correct {rows[name]['all_correct']:.3f} count {rows[name]['count']:.3f} "
               f"({rows[name]['seconds']} s)", flush=True)

@@ -84,7 +84,6 @@ def test_quickstart_yaml_is_the_preset():
     assert from_file.image_size == 64 and from_file.patch_size == 2
 
 
-
 def test_quickstart_720_is_the_preset_in_twice_the_steps():
     """The overlay sees the preset's examples in 2x the optimizer steps and changes nothing else."""
     preset = load_config("quickstart")
