@@ -14,6 +14,7 @@ batches laid out by the run's own planner, and times, in one process:
 
     python benchmarks/quickstart_profile.py                    # this machine's CPU
     python benchmarks/quickstart_profile.py --isa avx2         # as on a CPU without AVX-512
+    python benchmarks/quickstart_profile.py --isa avx2 --ops --batch-size 4   # torch.profiler's op table
 
 `--isa avx2` caps ATen's and oneDNN's vector kernels at AVX2 (ATEN_CPU_CAPABILITY,
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): an emulation of an AVX2-only machine on this one,
@@ -217,20 +218,49 @@ def profile(steps: int, threads: int) -> dict:
     return result
 
 
+def op_table(steps: int, threads: int, batch_size: int) -> dict:
+    """torch.profiler over `steps` real training steps at this batch size: seconds per step in all,
+    and per op (self CPU time) for the ops that take the most."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from lmfusion.training.loop import train_step
+
+    run = quickstart_training({"threads": threads, "batch_size": batch_size})
+    model = run["model"]
+    step_args = [run[k] for k in ("source", "optimizer", "scheduler", "config", "plan", "info")]
+    train_step(0, model, model, *step_args)  # warm-up
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(1, steps + 1):
+            train_step(step, model, model, *step_args)
+    seconds = (time.perf_counter() - start) / steps
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"batch": batch_size, "precision": run["config"].precision, "step_s": seconds,
+            "ops_s_per_step": {e.key: e.self_cpu_time_total / 1e6 / steps for e in ops},
+            "calls_per_step": {e.key: e.count / steps for e in ops}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the quickstart uses 2)")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native",
                         help="native: this CPU's best kernels; avx2: cap them at AVX2 (emulates a CPU without AVX-512)")
+    parser.add_argument("--ops", action="store_true",
+                        help="instead: the step's time per op (torch.profiler), at --batch-size")
+    parser.add_argument("--batch-size", type=int, default=16, help="with --ops: the batch size (the quickstart's is 16)")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: measure in this process
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(profile(args.steps, args.threads)))
+        result = op_table(args.steps, args.threads, args.batch_size) if args.ops else profile(args.steps, args.threads)
+        print("RESULT " + json.dumps(result))
         return
     env = {**os.environ, **ISA_ENV.get(args.isa, {})}
-    command = [sys.executable, __file__, "--one", "--steps", str(args.steps), "--threads", str(args.threads)]
+    command = [sys.executable, __file__, "--one", "--steps", str(args.steps), "--threads", str(args.threads),
+               "--batch-size", str(args.batch_size)] + (["--ops"] if args.ops else [])
     load = os.getloadavg()[0]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)

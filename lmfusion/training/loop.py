@@ -183,6 +183,8 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # private but long-standing torch.cpu helpers (cpuinfo flags)
+        if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+            return False  # kernels capped below AVX-512 (ATEN_CPU_CAPABILITY): bf16 would be emulated
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return False
 

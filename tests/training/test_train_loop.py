@@ -79,6 +79,7 @@ def test_precision_auto_trains_in_bf16_only_where_it_is_native_and_records_what_
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     seen = []
     real_autocast = loop.autocast
     monkeypatch.setattr(loop, "autocast", lambda config, info: seen.append(config.precision) or real_autocast(config, info))
@@ -88,6 +89,16 @@ def test_precision_auto_trains_in_bf16_only_where_it_is_native_and_records_what_
     assert set(seen) == {want}
     assert TrainConfig.from_dict(read_yaml(config.run_dir / "config.yaml")).precision == want
     train(make_config(precision="auto", max_steps=2, name=f"auto_{native}"), resume=True)  # same machine: resumable
+
+
+def test_precision_auto_is_fp32_where_the_kernels_are_capped_at_avx2(monkeypatch):
+    from lmfusion.training.loop import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not native_bf16(torch.device("cpu"))
 
 
 def test_existing_run_needs_resume_or_overwrite(make_config):

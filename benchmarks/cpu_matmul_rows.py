@@ -1,0 +1,71 @@
+"""How fast this CPU multiplies the decoder's weight matrices by few rows: GFLOP/s against rows.
+
+A quickstart step's matmuls take a quarter of the rows at batch 4 as at batch 16, yet about half
+the time (benchmarks/results/quickstart_profile.md). This times, alone, the three products one
+linear layer costs in training (forward x W^T, grad-input dy W, grad-weight dy^T x) at
+SmolLM2-135M's layer shapes for a range of row counts, so the efficiency lost to small batches
+is seen without the rest of the step.
+
+    python benchmarks/cpu_matmul_rows.py                       # this CPU, fp32, 2 threads
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/cpu_matmul_rows.py                   # as on a CPU without AVX-512
+    python benchmarks/cpu_matmul_rows.py --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+# (in, out) of one SmolLM2-135M decoder layer's projections: q, k, v, o, gate, up, down.
+LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+
+
+def layer_seconds(rows: int, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds for forward, grad-input and grad-weight of every projection of one layer."""
+    mats = [(torch.randn(rows, i, dtype=dtype), torch.randn(o, i, dtype=dtype), torch.randn(rows, o, dtype=dtype))
+            for i, o in LAYER]
+
+    def once():
+        for x, w, dy in mats:
+            x @ w.t()
+            dy @ w
+            dy.t() @ x
+
+    once()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512],
+                        help="row counts (tokens through one modality's weights) to time")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="matmul precision")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats per row count (after one warm-up)")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    flops_per_row = sum(3 * 2 * i * o for i, o in LAYER)
+    result = {"dtype": args.dtype, "threads": args.threads, "capability": torch.backends.cpu.get_cpu_capability(),
+              "rows": {}}
+    print(f"{'rows':>6} {'ms/layer':>9} {'GFLOP/s':>8} {'us/row':>7}")
+    for rows in args.rows:
+        seconds = layer_seconds(rows, dtype, args.repeats)
+        gflops = flops_per_row * rows / seconds / 1e9
+        result["rows"][rows] = {"seconds_per_layer": seconds, "gflop_per_s": gflops}
+        print(f"{rows:>6} {seconds * 1e3:>9.2f} {gflops:>8.1f} {seconds / rows * 1e6:>7.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
