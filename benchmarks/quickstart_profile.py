@@ -221,7 +221,6 @@ def profile(steps: int, threads: int) -> dict:
 def op_table(steps: int, threads: int, batch_size: int) -> dict:
     """torch.profiler over `steps` real training steps at this batch size: seconds per step in all,
     and per op (self CPU time) for the ops that take the most."""
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
