@@ -122,6 +122,10 @@ class DiffusionObjective:
         clean = (noisy - s * prediction).clamp(-clip, clip)
         return (noisy - clean) / s
 
+    def sigmas(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Flow: each image's noise level s (x_s = (1 - s) x + s n), shaped to broadcast over `like`."""
+        return self._sigma(timesteps, like)
+
     def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         s = timesteps.to(like.device, torch.float64) / self.num_train_timesteps
         return s.to(like.dtype).view(-1, *[1] * (like.dim() - 1))

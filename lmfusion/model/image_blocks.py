@@ -43,9 +43,9 @@ class ImageDownBlock(nn.Module):
     def __init__(self, config: LMFusionConfig, hidden_size: int):
         super().__init__()
         ch = config.unet_channels
-        # image_condition "previous": the previous image's clean latent as extra input channels
-        # (InstructPix2Pix), their weights zero so that the block starts as one without them.
-        self.conditioned = config.image_condition == "previous"
+        # image_condition "previous" / "residual": the previous image's clean latent as extra input
+        # channels (InstructPix2Pix), their weights zero so that the block starts as one without them.
+        self.conditioned = config.reads_previous_image
         self.conv_in = nn.Conv2d(config.latent_channels * (2 if self.conditioned else 1), ch, kernel_size=3, padding=1)
         if self.conditioned:
             with torch.no_grad():
@@ -79,6 +79,17 @@ class ImageDownBlock(nn.Module):
         if self.position is not None:
             tokens = tokens + self.position.to(tokens.dtype)
         return tokens, skips
+
+
+def residual_input(noisy: torch.Tensor, conditions: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """image_condition "residual": the flow-noised image x_s = (1 - s) x + s n, re-expressed as the
+    noised difference (1 - s)(x - c) + s n from its condition c, which is what the blocks read."""
+    return noisy - (1 - sigmas) * conditions.to(noisy.dtype)
+
+
+def residual_output(prediction: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    """The blocks' velocity of the difference, n - (x - c), as the image's own velocity n - x."""
+    return prediction - conditions.to(prediction.dtype)
 
 
 class ImageUpBlock(nn.Module):

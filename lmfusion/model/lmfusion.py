@@ -30,7 +30,7 @@ from ..integrity import CheckpointError, read_safetensors, verify_manifest, writ
 from ..utils import atomic_directory
 from .draw_margin import boi_margin_hinge
 from .fusion_layer import FusionDecoderLayer, unwrap_checkpointing, wrap_checkpointing
-from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder
+from .image_blocks import ImageDownBlock, ImageUpBlock, TimestepEncoder, residual_input, residual_output
 from .masks import block_mask, image_segment_ids, transfusion_mask
 from .routing import ImageLayer, Routing, frozen_context_mask, reinitialize
 from .sequence import MultimodalBatch
@@ -318,8 +318,8 @@ class LMFusionModel(nn.Module):
         position_ids too, restarting per example); each example then attends only within itself.
         pixel_values / image_sizes / batch_num_images (VLM base only): the images the VLM reads, as
         its processor makes them, for the `<image>` placeholders in input_ids (its own computation).
-        image_conditions: [N, C, H, W] (image_condition "previous" only) the clean latent each image
-        is conditioned on, zeros for none; None = none for every image.
+        image_conditions: [N, C, H, W] (image_condition "previous" / "residual" only) the clean latent
+        each image is conditioned on, zeros for none; None = none for every image.
         """
         vision = {"pixel_values": pixel_values, "image_sizes": image_sizes}
         if batch_num_images is not None:
@@ -346,6 +346,8 @@ class LMFusionModel(nn.Module):
         if image_rows is not None and image_rows.shape[0]:
             n = image_latents.shape[0]
             noise_pred = self.image_out(image_rows.view(n, self.config.tokens_per_image, -1), skips, temb)
+            if self.config.image_condition == "residual" and image_conditions is not None:
+                noise_pred = residual_output(noise_pred, image_conditions)
         return LMFusionOutput(logits=logits, noise_pred=noise_pred, cache=cache)
 
     def _backbone(self, input_ids, image_mask, image_latents, timesteps, attention_mask, position_ids, cache, use_cache,
@@ -377,6 +379,9 @@ class LMFusionModel(nn.Module):
                     f"images need {expected} ({self.config.tokens_per_image} each)"
                 )
             temb = self.time_embed(timesteps, image_latents.dtype)
+            if self.config.image_condition == "residual" and image_conditions is not None:
+                image_latents = residual_input(image_latents, image_conditions,
+                                               self.objective.sigmas(timesteps, image_latents))
             tokens, skips = self.image_in(image_latents, temb, image_conditions)
             x_image = tokens.reshape(-1, tokens.shape[-1]).to(x_text.dtype)
 
@@ -437,7 +442,7 @@ class LMFusionModel(nn.Module):
             noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
             noisy = torch.where(scored.view(-1, 1, 1, 1), self.objective.add_noise(latents, noise, timesteps), latents)
             target = self.objective.target(latents, noise, timesteps)
-        conditions = batch.condition_latents() if self.config.image_condition == "previous" else None
+        conditions = batch.condition_latents() if self.config.reads_previous_image else None
         out = forward(batch.input_ids, batch.image_mask, noisy, timesteps, batch.attention_mask,
                       position_ids=batch.position_ids, logits_mask=wants, document_ids=batch.document_ids,
                       image_conditions=conditions)

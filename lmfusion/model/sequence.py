@@ -51,7 +51,7 @@ class MultimodalBatch:
     # turn); None = every token may be.
     target_mask: torch.Tensor | None = None
     # [N]: for each image, the index in `latents` of the image before it in its example, -1 for the
-    # first (what LMFusionConfig.image_condition "previous" conditions on). None = no image has one.
+    # first (what LMFusionConfig.image_condition "previous" or "residual" conditions on). None = no image has one.
     previous_images: torch.Tensor | None = None
 
     def to(self, device) -> "MultimodalBatch":

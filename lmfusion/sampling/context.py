@@ -271,11 +271,11 @@ def _as_model_input(model, latents: torch.Tensor) -> torch.Tensor:
 
 
 def _previous_image_latents(model, rows: list[tuple[torch.Tensor | None, list[torch.Tensor]]]) -> torch.Tensor | None:
-    """What LMFusionConfig.image_condition "previous" reads: for each row, (the image before the
+    """What LMFusionConfig.image_condition "previous" / "residual" reads: for each row, (the image before the
     listed ones or None, the listed images), the clean latent before every listed image in reading
     order, zeros where there is none, as training gives them (MultimodalBatch.condition_latents).
     None for a model that reads none, or when nothing is listed."""
-    if model.config.image_condition != "previous":
+    if not model.config.reads_previous_image:
         return None
     picked = []
     for before, images in rows:

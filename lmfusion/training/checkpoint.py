@@ -213,7 +213,7 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         # a model trained without the patch-position table gains one, at its init (zero)
         state["image_in.position"] = torch.zeros_like(model.image_in.position)
         gained.append("the patch-position table starts at zero")
-    if saved.image_condition == "none" and model.config.image_condition == "previous":
+    if saved.image_condition == "none" and model.config.reads_previous_image:
         # ... or the previous image's input channels, at their init (zero weights): same output
         weight = state["image_in.conv_in.weight"]
         extra = model.image_in.conv_in.weight.shape[1] - weight.shape[1]

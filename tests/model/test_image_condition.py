@@ -1,4 +1,5 @@
-"""image_condition "previous": an image's down block also reads the clean latent of the image before it."""
+"""image_condition "previous": an image's down block also reads the clean latent of the image before it;
+"residual": it reads it and denoises the difference from it."""
 
 import pytest
 import torch
@@ -67,6 +68,52 @@ def test_conditions_change_the_prediction_only_where_given():
     assert torch.equal(none, zeros) and not torch.allclose(none, given)
 
 
+def test_residual_is_previous_run_on_the_difference_from_the_source():
+    """The same weights: "residual" feeds the blocks x_s - (1 - s) c and returns their output - c, so
+    an image with a source is denoised relative to it and one without is computed exactly as before."""
+    previous, residual = _model("previous").eval(), _model("residual").eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(previous.image_in.conv_in.weight, std=0.2)
+        torch.nn.init.normal_(previous.image_out.conv_out.weight, std=0.2)
+    residual.load_state_dict(previous.state_dict())
+    builder = _builder(previous)
+    batch = builder.collate(_examples(builder), torch.randn(4, 3, 16, 16))
+    conditions = batch.condition_latents()
+    timesteps = torch.tensor([900.0, 0.0, 400.0, 700.0])
+    noisy = torch.randn(4, 3, 16, 16)
+    s = (timesteps / 1000).view(-1, 1, 1, 1)
+
+    def run(model, latents):
+        with torch.no_grad():
+            return model(batch.input_ids, batch.image_mask, latents, timesteps, batch.attention_mask,
+                         image_conditions=conditions).noise_pred
+
+    want = run(previous, noisy - (1 - s) * conditions) - conditions
+    got = run(residual, noisy)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(got[[0, 1, 3]], run(previous, noisy)[[0, 1, 3]])  # no source: unchanged
+    assert not torch.allclose(got[2], run(previous, noisy)[2])
+
+
+def test_residual_targets_the_same_velocity_so_a_kept_source_costs_nothing_to_learn():
+    """The training target stays noise - image; for a target equal to its source, a block that
+    predicts noise - 0 from the difference it reads (pure noise scaled by s) has zero loss."""
+    model = _model("residual")
+    builder = _builder(model)
+    source = torch.randn(1, 3, 16, 16)
+    batch = builder.collate([builder.edit("keep it")], torch.cat([source, source]))
+    noise, s = torch.randn(1, 3, 16, 16), torch.tensor(0.7)
+    x_s = (1 - s) * source + s * noise
+    velocity = noise - source  # the training target of the edit's target image
+    from lmfusion.model.image_blocks import residual_input, residual_output
+    difference = residual_input(x_s, source, s)
+    assert torch.allclose(difference, s * noise, atol=1e-6)  # nothing of the scene left to redraw
+    assert torch.allclose(residual_output(difference / s, source), velocity, atol=1e-5)
+    assert batch.condition_latents()[1].equal(source[0])
+
+
 def test_unknown_value_is_one_line_error():
     with pytest.raises(ValueError, match="image_condition must be one of"):
         LMFusionConfig(image_condition="concat", codec={"name": "pixel"})
+    with pytest.raises(ValueError, match="'residual' needs objective 'flow'"):
+        LMFusionConfig(image_condition="residual", objective="eps", codec={"name": "pixel"})

@@ -12,13 +12,14 @@ from lmfusion.testing import tiny_sampling_model
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["none", "previous"])
+@pytest.fixture(scope="module", params=["none", "previous", "residual"])
 def edit_model(request, peaky_base):
-    """The plain model, and one whose down block also reads the previous image (image_condition
-    "previous") with non-zero weights for it, so that the source really enters the target's input."""
+    """The plain model, and ones whose down block also reads the previous image (image_condition
+    "previous", and "residual", which also denoises relative to it) with non-zero weights for it,
+    so that the source really enters the target's input."""
     if request.param == "none":
         return request.getfixturevalue("model")
-    model = tiny_sampling_model(peaky_base, image_condition="previous")
+    model = tiny_sampling_model(peaky_base, image_condition=request.param)
     with torch.no_grad():
         torch.nn.init.normal_(model.image_in.conv_in.weight, std=0.2)
     return model

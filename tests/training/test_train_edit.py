@@ -121,12 +121,13 @@ def test_init_from_a_model_without_patch_positions_gains_a_zero_table(make_confi
         load_init_weights(losing, tmp_path / "with_table", say=lambda _: None)
 
 
-def test_init_from_a_model_without_the_previous_image_input_gains_zero_channels(make_config, tmp_path):
-    """An editing run may add image_condition "previous" on top of a quickstart-style model."""
+@pytest.mark.parametrize("condition", ["previous", "residual"])
+def test_init_from_a_model_without_the_previous_image_input_gains_zero_channels(make_config, tmp_path, condition):
+    """An editing run may add image_condition "previous" (or "residual") on top of a quickstart-style model."""
     start, _ = build_model(make_config())
     start.save_pretrained(tmp_path / "start")
     said = []
-    gaining, _ = build_model(make_config(model={**TINY_UNET, "image_condition": "previous"}))
+    gaining, _ = build_model(make_config(model={**TINY_UNET, "image_condition": condition}))
     load_init_weights(gaining, tmp_path / "start", say=said.append)
     weight = gaining.image_in.conv_in.weight
     channels = start.image_in.conv_in.weight.shape[1]
