@@ -87,7 +87,7 @@ class DiffusionObjective:
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.name == "flow":
-            s = self._sigma(timesteps, latents)
+            s = self.sigmas(timesteps, latents)
             return (1 - s) * latents + s * noise
         return self.ddpm.add_noise(latents, noise, timesteps.long())
 
@@ -102,7 +102,7 @@ class DiffusionObjective:
     def clean_estimate(self, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_0 implied by a prediction (for diagnostics: how far off an error puts the image)."""
         if self.name == "flow":
-            return noisy - self._sigma(timesteps, noisy) * prediction
+            return noisy - self.sigmas(timesteps, noisy) * prediction
         a = self.ddpm.alphas_cumprod.to(noisy.device)[timesteps.long()].view(-1, *[1] * (noisy.dim() - 1))
         if self.name == "eps":
             return (noisy - (1 - a).sqrt() * prediction) / a.sqrt()
@@ -118,15 +118,12 @@ class DiffusionObjective:
         """
         if clip is None or self.name != "flow":
             return prediction
-        s = self._sigma(timesteps.reshape(-1).expand(noisy.shape[0]), noisy)
+        s = self.sigmas(timesteps.reshape(-1).expand(noisy.shape[0]), noisy)
         clean = (noisy - s * prediction).clamp(-clip, clip)
         return (noisy - clean) / s
 
     def sigmas(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Flow: each image's noise level s (x_s = (1 - s) x + s n), shaped to broadcast over `like`."""
-        return self._sigma(timesteps, like)
-
-    def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         s = timesteps.to(like.device, torch.float64) / self.num_train_timesteps
         return s.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
