@@ -7,18 +7,23 @@ SmolLM2-135M's layer shapes for a range of row counts, so the efficiency lost to
 is seen without the rest of the step.
 
     python benchmarks/cpu_matmul_rows.py                       # this CPU, fp32, 2 threads
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        python benchmarks/cpu_matmul_rows.py                   # as on a CPU without AVX-512
+    python benchmarks/cpu_matmul_rows.py --isa avx2            # as on a CPU without AVX-512
     python benchmarks/cpu_matmul_rows.py --dtype bf16
+
+`--isa avx2` caps the kernels as quickstart_profile.py's flag does; the caps are environment
+variables read when torch starts, so the script runs itself again with them set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
+from quickstart_profile import ISA_ENV
 
 # (in, out) of one SmolLM2-135M decoder layer's projections: q, k, v, o, gate, up, down.
 LAYER = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -49,12 +54,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="matmul precision")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per row count (after one warm-up)")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: cap ATen, oneDNN and MKL at AVX2, as on a CPU without AVX-512 (an emulation)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
+    caps = ISA_ENV.get(args.isa, {})
+    if any(os.environ.get(key) != value for key, value in caps.items()):
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **caps})
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     flops_per_row = sum(3 * 2 * i * o for i, o in LAYER)
-    result = {"dtype": args.dtype, "threads": args.threads, "capability": torch.backends.cpu.get_cpu_capability(),
+    result = {"isa": args.isa, "dtype": args.dtype, "threads": args.threads, "capability": torch.backends.cpu.get_cpu_capability(),
               "rows": {}}
     print(f"{'rows':>6} {'ms/layer':>9} {'GFLOP/s':>8} {'us/row':>7}")
     for rows in args.rows:
