@@ -454,15 +454,19 @@ PRESETS["instruct"] = dict(
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- overrides (flags)."""
+    """Defaults <- preset <- YAML file <- overrides (flags).
+
+    `model` (LMFusionConfig fields) is merged key by key rather than replaced, so that
+    `--preset paper --model '{objective: eps}'` keeps the preset's U-Net size.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     values: dict = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
-    if path is not None:
-        values.update(read_yaml(path))
-    values.update(overrides or {})
+    for layer in (PRESETS.get(preset, {}), read_yaml(path) if path is not None else {}, overrides or {}):
+        model = values.get("model")
+        values.update(layer)
+        if isinstance(model, dict) and isinstance(layer.get("model"), dict):
+            values["model"] = {**model, **layer["model"]}
     return TrainConfig.from_dict(values)
 
 

@@ -21,6 +21,16 @@ def test_yaml_then_flags_override(tmp_path):
     assert layered.name == "quickstart" and layered.max_steps == 7 and layered.batch_size == 2
 
 
+def test_model_fields_merge_over_the_preset_and_file(tmp_path):
+    """--model sets the fields it names and keeps the preset's others (the paper preset's U-Net size)."""
+    config = load_config("paper", overrides={"model": {"objective": "eps"}})
+    assert config.model == {**PRESETS["paper"]["model"], "objective": "eps"}
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {timestep_shift: 3.0}\n")
+    layered = load_config("quickstart", path, {"model": {"unet_channels": 64}})
+    assert layered.model == {**PRESETS["quickstart"].get("model", {}), "timestep_shift": 3.0, "unet_channels": 64}
+
+
 def test_unknown_and_bad_keys_are_clear_errors(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("lr_warmup: 10\n")
