@@ -207,6 +207,10 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         key = differ[0]
         raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
                          f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
+    if saved.unet_channels != model.config.unet_channels:  # e.g. a quickstart run from before its wider U-Net
+        raise ValueError(f"init_from {path}: its U-Net blocks are {saved.unet_channels} channels wide, this run's "
+                         f"{model.config.unet_channels}; add --model '{{unet_channels: {saved.unet_channels}}}' "
+                         "or retrain the start")
     state = read_safetensors(folder / WEIGHTS_FILE)
     gained = []
     if saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned":

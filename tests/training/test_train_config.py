@@ -28,7 +28,7 @@ def test_model_fields_merge_over_the_preset_and_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: {timestep_shift: 3.0}\n")
     layered = load_config("quickstart", path, {"model": {"unet_channels": 64}})
-    assert layered.model == {**PRESETS["quickstart"].get("model", {}), "timestep_shift": 3.0, "unet_channels": 64}
+    assert layered.model == {**PRESETS["quickstart"]["model"], "timestep_shift": 3.0, "unet_channels": 64}
 
 
 def test_unknown_and_bad_keys_are_clear_errors(tmp_path):

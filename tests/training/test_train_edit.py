@@ -101,6 +101,9 @@ def test_init_from_loads_adapter_weights_and_refuses_another_model(make_config, 
     other, _ = build_model(make_config(model={"objective": "eps"}))
     with pytest.raises(ValueError, match="differs from this run's in \\['objective'\\]"):
         load_init_weights(other, tmp_path / "start", say=lambda _: None)
+    wider, _ = build_model(make_config(model={"unet_channels": 2 * TINY_UNET["unet_channels"]}))
+    with pytest.raises(ValueError, match=f"U-Net blocks are {TINY_UNET['unet_channels']} channels wide.*--model"):
+        load_init_weights(wider, tmp_path / "start", say=lambda _: None)
 
 
 def test_init_from_a_model_without_patch_positions_gains_a_zero_table(make_config, tmp_path):
