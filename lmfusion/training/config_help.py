@@ -13,7 +13,7 @@ FIELD_HELP: dict[str, str] = {
     "image_size": "image side in pixels",
     "patch_size": "latent cells per patch side (tokens per image = (latent side / patch)^2)",
     "codec": "image codec as a mapping, e.g. '{name: taef2, path: ...}'",
-    "model": "further LMFusionConfig fields, e.g. '{unet_channels: 64, diffusion_loss_weight: 5}'",
+    "model": "further LMFusionConfig fields, merged over the preset's, e.g. '{unet_channels: 64, diffusion_loss_weight: 5}'",
     "data": "dataset folder or file of images + captions",
     "generate_shapes": "> 0: create a shapes dataset of this many images at `data` if it is missing",
     "shapes_two_object_prob": "share of generated shapes scenes with two objects (else one)",
