@@ -180,6 +180,9 @@ def load_checkpoint(checkpoint: str | Path, model, optimizer, scheduler, average
 
 # LMFusionConfig fields two models must share for one's adapter weights to mean the same in the other
 # (shapes are checked by load_adapter_state; these change meaning without changing a shape).
+# The U-Net's size, set through --model: a mismatch names that flag (norm groups change no shape,
+# so load_adapter_state alone would let them through).
+INIT_UNET = ("unet_channels", "unet_norm_groups", "time_embed_dim")
 INIT_MATCHING = ("base_model_hash", "mode", "codec", "image_size", "objective", "num_train_timesteps", "tokens_per_image")
 
 
@@ -207,10 +210,12 @@ def load_init_weights(model, path: str | Path, say=print) -> Path:
         key = differ[0]
         raise ValueError(f"init_from {path}: its model differs from this run's in {differ} (e.g. {key}: "
                          f"{getattr(saved, key)!r} vs {getattr(model.config, key)!r}); train it with the same settings")
-    if saved.unet_channels != model.config.unet_channels:  # e.g. a quickstart run from before its wider U-Net
-        raise ValueError(f"init_from {path}: its U-Net blocks are {saved.unet_channels} channels wide, this run's "
-                         f"{model.config.unet_channels}; add --model '{{unet_channels: {saved.unet_channels}}}' "
-                         "or retrain the start")
+    if any(getattr(saved, k) != getattr(model.config, k) for k in INIT_UNET):  # e.g. a quickstart from before its wider U-Net
+        theirs, ours = ([getattr(c, k) for k in INIT_UNET] for c in (saved, model.config))
+        flag = ", ".join(f"{k}: {v}" for k, v in zip(INIT_UNET, theirs))
+        raise ValueError(f"init_from {path}: its U-Net blocks are {theirs[0]} channels wide (norm groups, timestep "
+                         f"width {theirs[1]}, {theirs[2]}), this run's {ours[0]} ({ours[1]}, {ours[2]}); "
+                         f"add --model '{{{flag}}}' or retrain the start")
     state = read_safetensors(folder / WEIGHTS_FILE)
     gained = []
     if saved.image_position_embedding == "none" and model.config.image_position_embedding == "learned":

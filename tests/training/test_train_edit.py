@@ -104,6 +104,10 @@ def test_init_from_loads_adapter_weights_and_refuses_another_model(make_config, 
     wider, _ = build_model(make_config(model={"unet_channels": 2 * TINY_UNET["unet_channels"]}))
     with pytest.raises(ValueError, match=f"U-Net blocks are {TINY_UNET['unet_channels']} channels wide.*--model"):
         load_init_weights(wider, tmp_path / "start", say=lambda _: None)
+    # Norm groups change no weight's shape, so only this check stands between them and a silent load.
+    regrouped, _ = build_model(make_config(model={"unet_norm_groups": TINY_UNET["unet_norm_groups"] // 2}))
+    with pytest.raises(ValueError, match="U-Net blocks are .*unet_norm_groups: 8"):
+        load_init_weights(regrouped, tmp_path / "start", say=lambda _: None)
 
 
 def test_init_from_a_model_without_patch_positions_gains_a_zero_table(make_config, tmp_path):
